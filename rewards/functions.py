@@ -1,0 +1,237 @@
+"""Reward functions, selected by name from `REWARD_FUNCS`, and the contract every one of them keeps.
+
+A reward function is a plain function, as in TRL's GRPOTrainer and open-r1
+(github.com/huggingface/open-r1, src/open_r1/rewards.py):
+
+    fn(completions, **columns) -> list[float | None]
+
+`completions` are strings, or TRL conversational completions (lists of {"role", "content"}
+messages, of which the last one is graded); `columns` are the dataset's other columns, one value per
+completion (e.g. `answer`), plus TRL's `completion_ids` when it passes them. `None` means "cannot
+score this one" (e.g. an unparseable gold answer), never a silent 0 or 1.
+
+    from rewards.functions import REWARD_FUNCS, compute_rewards
+    scores = compute_rewards({"accuracy": REWARD_FUNCS["accuracy"]}, ["The answer is 12."], answer=["12"])
+    # {"accuracy": [1.0]}
+
+`compute_rewards` enforces the contract (one value per completion, or an error naming the
+function; NaN becomes None) and `summarize` gives means that exclude `None` and count it.
+Functions with knobs take them as keyword arguments with defaults; a suite binds other values
+(`rewards.suites.RewardSuite.reward_kwargs`).
+"""
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rewards.math_grader import boxed_contents
+from rewards.verifier_pool import default_pool
+
+RewardFunction = Callable[..., list[float | None]]
+
+
+class RewardContractError(ValueError):
+    """A reward function broke the contract: wrong number of values, or a value that is not a number."""
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text to grade: the string itself, or the content of a conversation's last message."""
+    if isinstance(completion, str):
+        return completion
+    return completion[-1]["content"] if completion else ""
+
+
+def accuracy(completions: Sequence, answer: Sequence, **columns) -> list[float | None]:
+    """1.0 if the completion's final answer equals `answer` (math-verify, stricter: rewards.math_grader).
+
+    Graded in the worker pool of `rewards.verifier_pool` (a compute bomb cannot stall the caller).
+    A completion that cannot be graded within the per-item limit scores 0.0 rather than None: an
+    answer nobody can check is not a correct one, and a policy must not learn that bombs escape
+    the reward. None for an unparseable or missing gold answer, and for items a worker crashed on.
+    """
+    outcomes = default_pool().grade_batch(
+        [("" if gold is None else str(gold), completion_text(c)) for c, gold in zip(completions, answer, strict=True)]
+    )
+    return [outcome.value if outcome.status == "ok" else 0.0 if outcome.status == "timeout" else None
+            for outcome in outcomes]
+
+
+def think_answer_format(completions: Sequence, **columns) -> list[float | None]:
+    """1.0 if the completion is exactly `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` (DeepSeek-R1's
+    template, open-r1's `format_reward`), else 0.0."""
+    return [1.0 if _is_think_answer(completion_text(c)) else 0.0 for c in completions]
+
+
+def _is_think_answer(text: str) -> bool:
+    # String operations instead of open-r1's regex `^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$`,
+    # whose nested lazy groups backtrack quadratically on adversarial text.
+    if not (text.startswith("<think>\n") and text.endswith("\n</answer>")):
+        return False
+    middle = text[len("<think>\n") : -len("\n</answer>")]
+    return middle.count("\n</think>\n<answer>\n") == 1 and "<think>" not in middle and "</answer>" not in middle
+
+
+def boxed_format(completions: Sequence, **columns) -> list[float | None]:
+    """1.0 if the completion gives one final answer in `\\boxed{}` (boxing the same answer twice is
+    fine, two different boxed answers are not), else 0.0."""
+    return [1.0 if len(set(boxed_contents(completion_text(c)))) == 1 else 0.0 for c in completions]
+
+
+def tag_count(completions: Sequence, **columns) -> list[float | None]:
+    """0.25 for each of `<think>\\n`, `\\n</think>\\n`, `\\n<answer>\\n`, `\\n</answer>` present exactly once
+    (open-r1's `tag_count_reward`): a denser signal than `format` early in training."""
+    tags = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>")
+    return [sum(0.25 for tag in tags if completion_text(c).count(tag) == 1) for c in completions]
+
+
+# open-r1's `reasoning_steps_reward` pattern: "Step 1:", numbered lines, bullets, transition words.
+# An alternation of literals: linear time on any input.
+_STEP_MARKERS = re.compile(r"(Step \d+:|^\d+\.|\n-|\n\*|First,|Second,|Next,|Finally,)", re.MULTILINE)
+
+
+def reasoning_steps(completions: Sequence, *, target_steps: int = 3, **columns) -> list[float | None]:
+    """min(1, steps / target_steps) with open-r1's `reasoning_steps_reward` markers (3 steps earn the
+    full reward there)."""
+    return [min(1.0, len(_STEP_MARKERS.findall(completion_text(c))) / target_steps) for c in completions]
+
+
+def completion_lengths(completions: Sequence, completion_ids: Sequence | None = None) -> list[int]:
+    """Lengths in tokens when TRL passes `completion_ids`, else in characters (as open-r1 does)."""
+    if completion_ids is not None:
+        return [len(ids) for ids in completion_ids]
+    return [len(completion_text(c)) for c in completions]
+
+
+def cosine_scaled(
+    completions: Sequence,
+    answer: Sequence,
+    *,
+    max_len: int = 1000,
+    min_value_wrong: float = -1.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    completion_ids: Sequence | None = None,
+    **columns,
+) -> list[float | None]:
+    """Accuracy scaled by length on a cosine (Yeo et al. 2025, "Demystifying Long Chain-of-Thought
+    Reasoning in LLMs", eq. 1; open-r1's `get_cosine_scaled_reward`, same defaults): short correct
+    answers earn most, long wrong ones lose least. None where `accuracy` is None."""
+    correct = accuracy(completions, answer)
+    rewards: list[float | None] = []
+    for is_correct, length in zip(correct, completion_lengths(completions, completion_ids)):
+        if is_correct is None:
+            rewards.append(None)
+            continue
+        cosine = math.cos(min(length / max_len, 1.0) * math.pi)
+        # For wrong answers the ends are swapped: the longest wrong answer gets max_value_wrong.
+        low, high = (min_value_correct, max_value_correct) if is_correct == 1.0 else (max_value_wrong, min_value_wrong)
+        rewards.append(low + 0.5 * (high - low) * (1.0 + cosine))
+    return rewards
+
+
+def soft_overlong_punishment(
+    completions: Sequence,
+    *,
+    max_completion_len: int = 512,
+    soft_punish_cache: int = 128,
+    completion_ids: Sequence | None = None,
+    **columns,
+) -> list[float | None]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_completion_len -
+    soft_punish_cache, then falling linearly to -1 at max_completion_len, and -1 beyond."""
+    rewards: list[float | None] = []
+    for length in completion_lengths(completions, completion_ids):
+        if length <= max_completion_len - soft_punish_cache:
+            rewards.append(0.0)
+        elif length <= max_completion_len:
+            rewards.append((max_completion_len - soft_punish_cache - length) / soft_punish_cache)
+        else:
+            rewards.append(-1.0)
+    return rewards
+
+
+def repetition_penalty(
+    completions: Sequence, *, ngram_size: int = 3, max_penalty: float = -1.0, **columns
+) -> list[float | None]:
+    """max_penalty x the fraction of repeated word n-grams (open-r1's `get_repetition_penalty_reward`,
+    after Yeo et al. 2025, appendix C.2): 0 for text without repeats, max_penalty for one n-gram
+    repeated throughout. Completions shorter than one n-gram score 0."""
+    if max_penalty > 0:
+        raise ValueError(f"repetition_penalty: max_penalty={max_penalty} must be <= 0 (it is a penalty)")
+    rewards: list[float | None] = []
+    for completion in completions:
+        words = completion_text(completion).lower().split()
+        ngrams = [tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
+        penalty = (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty if ngrams else 0.0
+        rewards.append(penalty + 0.0)  # + 0.0 turns -0.0 (no repeats x a negative max) into 0.0
+    return rewards
+
+
+# The one table of reward functions by name (open-r1's REWARD_FUNCS_REGISTRY, as a plain dict).
+REWARD_FUNCS: dict[str, RewardFunction] = {
+    "accuracy": accuracy,
+    "format": think_answer_format,
+    "boxed_format": boxed_format,
+    "tag_count": tag_count,
+    "reasoning_steps": reasoning_steps,
+    "cosine_scaled": cosine_scaled,
+    "soft_overlong_punishment": soft_overlong_punishment,
+    "repetition_penalty": repetition_penalty,
+}
+
+
+def compute_rewards(funcs: dict[str, RewardFunction], completions: Sequence, **columns) -> dict[str, list[float | None]]:
+    """Run every reward function on the completions and check what it returned.
+
+    Raises RewardContractError naming the function when it returns another number of values than
+    there are completions, or a value that is neither a real number nor None. NaN becomes None
+    (TRL's GRPOTrainer also reads None as NaN), so a mean never silently turns into NaN.
+    """
+    results: dict[str, list[float | None]] = {}
+    for name, fn in funcs.items():
+        where = f"reward function {name!r} ({fn.__module__}.{getattr(fn, '__qualname__', type(fn).__name__)})"
+        values = fn(completions, **columns)
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
+            raise RewardContractError(f"{where} returned {got} for {len(completions)} completions; "
+                                      "it must return one float or None per completion")
+        checked: list[float | None] = []
+        for index, value in enumerate(values):
+            if value is None:
+                checked.append(None)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                checked.append(None if math.isnan(value) else float(value))
+            else:
+                raise RewardContractError(f"{where} returned {value!r} (a {type(value).__name__}) for completion "
+                                          f"{index}; it must return a float or None")
+        results[name] = checked
+    return results
+
+
+@dataclass(frozen=True)
+class RewardSummary:
+    """mean over the scored values (None when nothing was scored); unscored = how many were None or NaN."""
+
+    mean: float | None
+    scored: int
+    unscored: int
+
+
+def summarize(values: Sequence[float | None]) -> RewardSummary:
+    """Mean of the values that are numbers; None and NaN are left out of the mean and counted."""
+    scored = [v for v in values if v is not None and not math.isnan(v)]
+    return RewardSummary(mean=sum(scored) / len(scored) if scored else None,
+                         scored=len(scored), unscored=len(values) - len(scored))
+
+
+def weighted_total(rewards: dict[str, list[float | None]], weights: dict[str, float]) -> list[float | None]:
+    """Per completion, sum of weight x reward over the functions that scored it (TRL's nansum);
+    None where no function scored it."""
+    count = len(next(iter(rewards.values()))) if rewards else 0
+    totals: list[float | None] = []
+    for index in range(count):
+        scored = [(weights[name], values[index]) for name, values in rewards.items() if values[index] is not None]
+        totals.append(sum(w * v for w, v in scored) if scored else None)
+    return totals

@@ -343,7 +343,7 @@ def check(template_or_tokenizer, tokenizer=None) -> list[Finding]:
     checker = _Checker(template, tokenizer)
     if tokenizer is not None:
         for token in missing_tokens(tokenizer, template):
-            checker.add("missing-special-token", "tokenizer", f"{token!r} is not a single token; add it (chat_templates.install(..., add_missing_tokens=True)) and resize the embeddings")
+            checker.add("missing-special-token", f"tokenizer {token}", f"{token!r} is not a single token; add it (chat_templates.install(..., add_missing_tokens=True)) and resize the embeddings")
     if not template.has_generation_markers:
         checker.add("no-trained-span", template.name, "the template has no {% generation %} markers: an assistant-only loss has no tokens to train on; use a training variant")
     modes = [{}]

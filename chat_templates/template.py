@@ -47,8 +47,10 @@ _SHIPPED = {
 SHIPPED_NAMES = tuple(_SHIPPED)
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
-# What a control token looks like when a template's own tokens are not declared: <|...|>,
-# <...> and </...> without spaces (</s>, <end_of_turn>, <think>).
+# Where a template does not declare its tokens: <|...|> is unambiguously a control token; the
+# end-of-turn token may also be <...> or </...> (</s>, <end_of_turn>), but such strings are often
+# plain text (<tool_call>), so only the one found right after a reply is taken as a control token.
+_CONTROL_TOKEN = re.compile(r"<\|[^<>|\s]+\|>")
 _TOKEN_LIKE = re.compile(r"<\|[^<>|\s]+\|>|</?[A-Za-z_][A-Za-z0-9_]*>")
 
 
@@ -106,13 +108,17 @@ def from_source(
 ) -> ChatTemplate:
     """A ChatTemplate from Jinja text (a tokenizer's `chat_template`, a file's content).
 
-    The control tokens are the token-like strings the template writes; the end-of-turn token, if
-    not given, is the first of them right after the assistant content of a one-turn render.
+    A source identical to a shipped variant is that shipped template. Otherwise the control tokens
+    are the <|...|> strings the template writes plus the end-of-turn token, which, if not given, is
+    the first token-like string right after the assistant content of a one-turn render.
     """
+    for shipped in SHIPPED_NAMES:
+        if source in (load(shipped).inference, load(shipped).training):
+            return load(shipped)
     training = source if training is None else training
-    special = tuple(dict.fromkeys(_TOKEN_LIKE.findall(source)))
     if end_of_turn is None:
         end_of_turn = _infer_end_of_turn(source, name, bos_token)
+    special = tuple(dict.fromkeys([*_CONTROL_TOKEN.findall(source), end_of_turn]))
     return ChatTemplate(name, source, training, end_of_turn, special, bos_token)
 
 

@@ -206,22 +206,52 @@ ASSISTANT_TURN = """        {{- '<|im_start|>assistant\\n' }}
         {{- '\\n' }}"""
 BROKEN = {
     # assumes string content: crashes (not refuses) on list content
-    "render-error": [("{%- for message in messages %}", "{%- for message in messages %}{%- set stripped = message.content.strip() %}")],
+    "render-error": [
+        ("{%- for message in messages %}", "{%- for message in messages %}{%- set stripped = message.content.strip() %}")
+    ],
     "double-bos": [("{%- for message in messages %}", "{%- for message in messages %}{{- bos_token }}")],
     "eot-outside-span": [
-        (ASSISTANT_TURN, ASSISTANT_TURN.replace("content + '<|im_end|>' }}", "content }}").replace("{{- '\\n' }}", "{{- '<|im_end|>\\n' }}"))
+        (
+            ASSISTANT_TURN,
+            ASSISTANT_TURN.replace("content + '<|im_end|>' }}", "content }}").replace(
+                "{{- '\\n' }}", "{{- '<|im_end|>\\n' }}"
+            ),
+        )
     ],
     "header-in-span": [
-        (ASSISTANT_TURN, ASSISTANT_TURN.replace("{{- '<|im_start|>assistant\\n' }}\n        {%- generation %}", "{%- generation %}{{- '<|im_start|>assistant\\n' }}"))
+        (
+            ASSISTANT_TURN,
+            ASSISTANT_TURN.replace(
+                "{{- '<|im_start|>assistant\\n' }}\n        {%- generation %}",
+                "{%- generation %}{{- '<|im_start|>assistant\\n' }}",
+            ),
+        )
     ],
     # Qwen 3's original shape with every turn trained: the think block only on the last turn.
-    "prefix-not-preserved": [("{{- content + '<|im_end|>' }}", "{{- ('<think>\\n\\n</think>\\n\\n' if loop.last else '') + content + '<|im_end|>' }}")],
+    "prefix-not-preserved": [
+        (
+            "{{- content + '<|im_end|>' }}",
+            "{{- ('<think>\\n\\n</think>\\n\\n' if loop.last else '') + content + '<|im_end|>' }}",
+        )
+    ],
     # The generation prompt opens a think block that training renders never contain.
-    "generation-prompt-mismatch": [("{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}", "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}")],
+    "generation-prompt-mismatch": [
+        (
+            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}",
+            "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}",
+        )
+    ],
     "content-creates-turn": [("{%- for token in ['<|im_start|>', '<|im_end|>'] -%}", "{%- for token in [] -%}")],
     "tool-calls-dropped": [("{%- if tools %}", "{%- if false %}"), ("{%- if message.tool_calls %}", "{%- if false %}")],
-    "late-system-dropped": [("    {%- else %}\n        {{- '<|im_start|>' + message.role", "    {%- elif message.role != 'system' or loop.first %}\n        {{- '<|im_start|>' + message.role")],
-    "list-content-dropped": [("{%- set content = text_of(message) %}", "{%- set content = message.content if message.content is string else '' %}")],
+    "late-system-dropped": [
+        (
+            "    {%- else %}\n        {{- '<|im_start|>' + message.role",
+            "    {%- elif message.role != 'system' or loop.first %}\n        {{- '<|im_start|>' + message.role",
+        )
+    ],
+    "list-content-dropped": [
+        ("{%- set content = text_of(message) %}", "{%- set content = message.content if message.content is string else '' %}")
+    ],
 }
 
 
@@ -267,7 +297,8 @@ def test_check_token_level_double_bos_and_missing_tokens(tokenizer):
     assert "double-bos" in {f.code for f in ct.check("llama3", adds_bos)}
     bare = build_tokenizer(special_tokens=[])
     findings = ct.check("chatml", bare)
-    assert {f.message.split("'")[1] for f in findings if f.code == "missing-special-token"} == {"<|im_start|>", "<|im_end|>"}
+    missing = {f.message.split("'")[1] for f in findings if f.code == "missing-special-token"}
+    assert missing == {"<|im_start|>", "<|im_end|>"}
 
 
 def test_trl_originals_are_flagged():
@@ -322,7 +353,8 @@ def test_install_reports_or_adds_missing_tokens(tokenizer):
     assert len(bare) == size + 4 and ct.missing_tokens(bare, "smollm3") == []
     assert bare.chat_template == ct.load("smollm3").inference
     with pytest.raises(ValueError, match="bos_token"):
-        ct.install(build_tokenizer(special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]), "llama3")
+        no_bos = build_tokenizer(special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+        ct.install(no_bos, "llama3")
     with pytest.raises(ValueError, match="no \\{% generation %\\} markers"):
         ct.assistant_mask(CONVERSATIONS["two turns"], bare)
 

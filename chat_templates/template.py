@@ -112,9 +112,9 @@ def from_source(
     are the <|...|> strings the template writes plus the end-of-turn token, which, if not given, is
     the first token-like string right after the assistant content of a one-turn render.
     """
-    for shipped in SHIPPED_NAMES:
-        if source in (load(shipped).inference, load(shipped).training):
-            return load(shipped)
+    for shipped in map(load, SHIPPED_NAMES):
+        if source in (shipped.inference, shipped.training):
+            return shipped
     training = source if training is None else training
     if end_of_turn is None:
         end_of_turn = _infer_end_of_turn(source, name, bos_token)

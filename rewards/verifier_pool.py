@@ -12,19 +12,25 @@ thread, by several threads at once (each call borrows idle workers; none are sha
     outcomes = default_pool().grade_batch([("12", "The answer is 12."), ("3", "9^9^9^9")])
     # [Outcome(status='ok', value=1.0), Outcome(status='timeout', value=None)]
 
-Workers are started through the "forkserver" method with `rewards.math_grader` preloaded, so a
-replacement is a fork of a clean, single-threaded, already-imported server (tens of ms, not the
-~1 s import of math-verify + sympy), and never a fork of a trainer with live threads.
+Workers are fresh interpreters (`python -m rewards.grading_worker`) talking JSON lines over their
+stdin/stdout, not multiprocessing children: those re-import the caller's `__main__` (a training
+script without an `if __name__ == "__main__"` guard would run again) and, forked, would copy a
+trainer's live threads. A worker takes about a second to import math-verify; it starts in the
+background and an item's clock starts only when a ready worker receives it.
 """
 
 import atexit
+import collections
+import json
 import math
-import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,39 +53,44 @@ class Outcome:
     error: str | None = None
 
 
-def _worker_main(connection: multiprocessing.connection.Connection, item_timeout_s: float) -> None:
-    """Loop of one worker process: receive (gold, completion), send back an Outcome."""
-    from rewards.math_grader import grade
-
-    # math-verify's signal timeouts (whole seconds) stop slow Python code politely; the parent's
-    # kill is the hard limit. Rounded up so they never fire before the parent's limit would.
-    signal_timeout_s = max(1, math.ceil(item_timeout_s))
-    while True:
-        try:
-            item = connection.recv()
-        except EOFError:  # the parent closed the pipe or died
-            return
-        if item is None:
-            return
-        gold, completion = item
-        try:
-            outcome = Outcome("ok", grade(gold, completion, timeout_s=signal_timeout_s))
-        except Exception as error:  # a math-verify bug on one odd input must not end the worker
-            outcome = Outcome("error", error=f"{type(error).__name__}: {error}"[:500])
-        connection.send(outcome)
-
-
 class _Worker:
-    def __init__(self, context, item_timeout_s: float):
-        self.connection, child_end = context.Pipe(duplex=True)
-        self.process = context.Process(target=_worker_main, args=(child_end, item_timeout_s), daemon=True)
-        self.process.start()
-        child_end.close()
+    """One grading process: `python -m rewards.grading_worker`, one JSON line per message each way."""
+
+    def __init__(self, item_timeout_s: float):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rewards.grading_worker", str(item_timeout_s)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+        )
+        self.ready = False  # True once it has imported math-verify and said so
+        self._buffer = b""
+
+    def fileno(self) -> int:  # for multiprocessing.connection.wait
+        return self.process.stdout.fileno()
+
+    def send(self, gold: str, completion: str) -> None:
+        """Hand over one item (the worker is idle, reading its stdin; OSError if it died)."""
+        data = memoryview(json.dumps([gold, completion]).encode() + b"\n")
+        while data:  # a raw pipe write may take only part of a large completion
+            data = data[self.process.stdin.write(data) :]
+
+    def read_message(self) -> dict | None:
+        """Call when the pipe is readable: the worker's message, or None if only part of it has arrived
+        (a worker sends one message at a time, so at most one is ever waiting); EOFError if it died."""
+        if b"\n" not in self._buffer:
+            chunk = os.read(self.fileno(), 1 << 16)
+            if not chunk:
+                raise EOFError(f"grading worker {self.process.pid} exited with code {self.process.wait()}")
+            self._buffer += chunk
+            if b"\n" not in self._buffer:
+                return None
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join()
-        self.connection.close()
+        self.process.wait()
+        self.process.stdin.close()
+        self.process.stdout.close()
 
 
 class VerifierPool:
@@ -90,19 +101,17 @@ class VerifierPool:
             raise ValueError(f"item_timeout_s must be > 0, got {item_timeout_s}")
         self.num_workers = num_workers or os.cpu_count() or 1
         self.item_timeout_s = item_timeout_s
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["rewards.math_grader"])
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._closed = False
-        for _ in range(self.num_workers):
-            self._idle.put(_Worker(self._context, item_timeout_s))
+        for _ in range(self.num_workers):  # they import math-verify in the background from now on
+            self._idle.put(_Worker(item_timeout_s))
 
     def default_batch_timeout_s(self, num_items: int) -> float:
         """Time for `num_items` that all run to the per-item limit on all workers, plus one limit
-        for the replacement starts: a batch that ends sooner lost nothing to the budget."""
+        for worker starts: a batch that ends sooner lost nothing to the budget."""
         return self.item_timeout_s * (math.ceil(num_items / self.num_workers) + 1)
 
-    def grade_batch(self, pairs: list[tuple[str, str]], batch_timeout_s: float | None = None) -> list[Outcome]:
+    def grade_batch(self, pairs: Sequence[tuple[str, str]], batch_timeout_s: float | None = None) -> list[Outcome]:
         """Grade (gold, completion) pairs in parallel; returns within `batch_timeout_s` (+ kill time).
 
         Items still unfinished when the batch's time is up get Outcome("budget").
@@ -114,39 +123,64 @@ class VerifierPool:
         budget_s = self.default_batch_timeout_s(len(pairs)) if batch_timeout_s is None else batch_timeout_s
         batch_deadline = time.monotonic() + budget_s
         outcomes: list[Outcome | None] = [None] * len(pairs)
-        pending = list(range(len(pairs)))[::-1]  # popped from the end: items start in order
-        free: list[_Worker] = self._borrow(len(pairs), batch_deadline)
-        running: dict[multiprocessing.connection.Connection, tuple[_Worker, int, float]] = {}
+        pending = collections.deque(range(len(pairs)))
+        borrowed = self._borrow(len(pairs), batch_deadline)
+        free = [worker for worker in borrowed if worker.ready]
+        starting = [worker for worker in borrowed if not worker.ready]
+        running: dict[_Worker, tuple[int, float]] = {}  # worker -> (item index, its deadline)
         try:
-            while pending or running:
-                while pending and free and time.monotonic() < batch_deadline:
-                    worker, index = free.pop(), pending.pop()
-                    worker.connection.send(pairs[index])
-                    running[worker.connection] = (worker, index, time.monotonic() + self.item_timeout_s)
-                if not running:
-                    break  # the batch's time is up before the remaining items could start
-                wait_until = min(batch_deadline, min(deadline for _, _, deadline in running.values()))
-                ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, wait_until - time.monotonic()))
-                for connection in ready:
-                    worker, index, _ = running.pop(connection)
+            while (pending or running) and time.monotonic() < batch_deadline:
+                while pending and free:
+                    worker, index = free.pop(), pending.popleft()
                     try:
-                        outcomes[index] = connection.recv()
-                        free.append(worker)
-                    except (EOFError, OSError) as error:  # the worker died (e.g. out of memory)
+                        worker.send(*pairs[index])
+                    except OSError as error:  # died while idle (e.g. killed from outside)
                         outcomes[index] = Outcome("error", error=f"grading worker died: {error!r}")
-                        free.append(self._replace(worker))
+                        starting.append(self._replace(worker))
+                        continue
+                    running[worker] = (index, time.monotonic() + self.item_timeout_s)
+                if not running and not starting:
+                    break  # nothing left to wait for (no worker could be borrowed in time)
+                wait_until = min([batch_deadline, *(deadline for _, deadline in running.values())])
+                ready = multiprocessing.connection.wait([*running, *starting],
+                                                        timeout=max(0.0, wait_until - time.monotonic()))
+                for worker in ready:
+                    self._receive(worker, running, starting, free, outcomes)
                 now = time.monotonic()
-                for connection, (worker, index, deadline) in list(running.items()):
-                    if now >= deadline or now >= batch_deadline:
-                        del running[connection]
-                        outcomes[index] = Outcome("timeout" if now >= deadline else "budget")
-                        free.append(self._replace(worker))
+                for worker, (index, deadline) in list(running.items()):
+                    if now >= deadline:
+                        del running[worker]
+                        outcomes[index] = Outcome("timeout")
+                        starting.append(self._replace(worker))
         finally:
-            for connection, (worker, _, _) in running.items():  # interrupted (e.g. KeyboardInterrupt)
-                free.append(self._replace(worker))
-            for worker in free:
+            # Workers still busy when the batch's time ran out (or the caller was interrupted).
+            starting.extend(self._replace(worker) for worker in running)
+            for worker in free + starting:
                 self._idle.put(worker)
         return [outcome or Outcome("budget") for outcome in outcomes]
+
+    def _receive(self, worker: _Worker, running: dict, starting: list, free: list, outcomes: list) -> None:
+        """Handle one readable worker: a result, its ready message, or its death."""
+        try:
+            message = worker.read_message()
+        except EOFError as error:
+            if worker not in running:
+                starting.remove(worker)
+                raise RuntimeError(f"a grading worker failed to start ({error}); its error is printed above "
+                                   "(stderr): is math-verify installed in this environment?") from error
+            index, _ = running.pop(worker)  # it died on this item, e.g. out of memory
+            outcomes[index] = Outcome("error", error=f"grading worker died: {error}")
+            starting.append(self._replace(worker))
+            return
+        if message is None:
+            return
+        if worker in running:
+            index, _ = running.pop(worker)
+            outcomes[index] = Outcome(**message)
+        else:
+            worker.ready = True
+            starting.remove(worker)
+        free.append(worker)
 
     def close(self) -> None:
         """Stop every idle worker (workers borrowed by a running call stop when it returns them)."""
@@ -164,7 +198,7 @@ class VerifierPool:
         try:
             borrowed.append(self._idle.get(timeout=max(0.0, deadline - time.monotonic())))
         except queue.Empty:
-            return borrowed  # every worker busy for another thread for the whole budget
+            return borrowed  # every worker busy for other threads for the whole budget
         while len(borrowed) < wanted:
             try:
                 borrowed.append(self._idle.get_nowait())
@@ -174,7 +208,7 @@ class VerifierPool:
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        return _Worker(self._context, self.item_timeout_s)
+        return _Worker(self.item_timeout_s)
 
 
 _default_pool: VerifierPool | None = None

@@ -1,0 +1,387 @@
+"""Evaluate checkpoints on a reward suite, side by side.
+
+    python -m rewards.evaluate --model runs/sft --model runs/grpo --suite arithmetic
+    python -m rewards.evaluate --model runs/grpo --suite gsm8k --data_path gsm8k_test.jsonl --num_samples 8
+    python -m rewards.evaluate --config recipes/tiny/evaluate.yaml --backend transformers
+
+For each checkpoint: generate `num_samples` completions per prompt of the suite (vLLM when
+installed, colocated in this process; otherwise transformers' `generate`), score them with the
+suite's reward functions, and summarise: the mean of each reward (None left out and counted), the
+weighted total, pass@1 and pass@k (k = num_samples, the unbiased estimator of Chen et al. 2021,
+"Evaluating Large Language Models Trained on Code", eq. 1), mean completion length in tokens and
+the truncation rate (completions that hit max_new_tokens without EOS). Prints one table with a
+column per checkpoint and writes `results.json` (summaries + every sample) and `results.png`.
+
+Both backends get the same prompt token ids, stop at the same EOS ids and are decoded by the same
+tokenizer call, so greedy decoding (`--temperature 0 --num_samples 1`) gives identical completions
+and scores (tests/test_rewards_evaluate.py). transformers batches only prompts of equal length, so
+no padding can change its numerics. Options: rewards/config.py (`--help`).
+"""
+
+import functools
+import gc
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from core.recipe import parse_recipe, resolved_recipe
+from rewards.config import EvaluateConfig
+from rewards.functions import REWARD_FUNCS, compute_rewards, summarize, weighted_total
+from rewards.suites import RewardSuite, get_suite, load_rows
+from rewards.verifier_pool import configure_default_pool
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    num_samples: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated completion: its token ids without the EOS, and whether it ran out of tokens."""
+
+    token_ids: list[int]
+    truncated: bool
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c of them correct) is correct.
+
+    The unbiased, numerically stable estimator of Chen et al. 2021 (1 - C(n-c, k) / C(n, k) as a product).
+    """
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def prompt_token_ids(tokenizer, prompts: Sequence[str], use_chat_template: bool) -> list[list[int]]:
+    """Token ids of each prompt: the chat template around a user message when the tokenizer has one
+    (and it is wanted), else the raw prompt with the tokenizer's usual special tokens."""
+    if use_chat_template and tokenizer.chat_template:
+        # Rendered to text, then tokenized without extra special tokens: the template writes its own
+        # (TRL does the same).
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def eos_token_ids(model_path: str, tokenizer) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS ids and the tokenizer's.
+
+    Both backends get this same list, so they stop at the same token (vLLM stops at the tokenizer's
+    EOS on its own, transformers only at the generation config's).
+    """
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int], settings: GenerationSettings,
+                  kv_cache_memory_bytes: int) -> list[list[Sample]]:
+    """`num_samples` completions per prompt from an in-process (colocated) vLLM engine."""
+    # In-process, as the RL and distillation stages colocate it: no engine processes to spawn, so
+    # this works without an `if __name__ == "__main__"` guard in the caller.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+
+    import core.vllm
+
+    config = AutoConfig.from_pretrained(model_path)
+    if config.model_type == "smolforge":
+        core.vllm.check_servable(config)
+    llm = LLM(
+        model=model_path,
+        dtype=settings.dtype,
+        seed=settings.seed,
+        # CUDA graphs / compilation cost more than they save for an evaluation pass on CPU.
+        enforce_eager=current_platform.is_cpu(),
+        kv_cache_memory_bytes=kv_cache_memory_bytes,
+        max_model_len=max(map(len, prompts)) + settings.max_new_tokens,
+    )
+    try:
+        params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
+                                max_tokens=settings.max_new_tokens, stop_token_ids=eos_ids, seed=settings.seed)
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        return [[_sample(list(o.token_ids), eos_ids, settings.max_new_tokens) for o in out.outputs] for out in outputs]
+    finally:
+        del llm
+        gc.collect()
+
+
+def generate_transformers(model_path: str, prompts: list[list[int]], eos_ids: list[int],
+                          settings: GenerationSettings, batch_size: int) -> list[list[Sample]]:
+    """`num_samples` completions per prompt with `model.generate`, batching equal-length prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import core  # noqa: F401  (registers the core with the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=settings.dtype).eval()
+    torch.manual_seed(settings.seed)
+    greedy = settings.temperature == 0
+    sampling = {} if greedy else dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(index)
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            input_ids = torch.tensor([prompts[i] for i in batch])
+            with torch.no_grad():
+                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=not greedy,
+                                     max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_samples,
+                                     eos_token_id=eos_ids, pad_token_id=eos_ids[0] if eos_ids else 0, **sampling)
+            generated = out[:, length:].tolist()  # (len(batch) * num_samples, new tokens), prompt-major
+            for position, index in enumerate(batch):
+                rows = generated[position * settings.num_samples : (position + 1) * settings.num_samples]
+                results[index] = [_sample(row, eos_ids, settings.max_new_tokens) for row in rows]
+    return results
+
+
+def _sample(token_ids: list[int], eos_ids: list[int], max_new_tokens: int) -> Sample:
+    """Cut at the first EOS (transformers pads finished rows with it); no EOS within the limit = truncated."""
+    for position, token in enumerate(token_ids):
+        if token in eos_ids:
+            return Sample(token_ids[:position], truncated=False)
+    return Sample(token_ids, truncated=len(token_ids) >= max_new_tokens)
+
+
+def score_samples(suite: RewardSuite, rows: list[dict], samples: list[list[Sample]], texts: list[list[str]],
+                  conversational: bool) -> dict[str, list[float | None]]:
+    """Every reward of the suite for every sample, flattened prompt-major (row 0's samples first)."""
+    completions = [[{"role": "assistant", "content": t}] if conversational else t for ts in texts for t in ts]
+    columns = {name: [row[name] for row, ss in zip(rows, samples) for _ in ss]
+               for name in rows[0] if name != "prompt"}
+    columns["completion_ids"] = [s.token_ids for ss in samples for s in ss]
+    funcs = {name: functools.partial(REWARD_FUNCS[name], **suite.reward_kwargs.get(name, {}))
+             for name in suite.reward_weights}
+    return compute_rewards(funcs, completions, **columns)
+
+
+def summarize_model(suite: RewardSuite, samples: list[list[Sample]], rewards: dict[str, list[float | None]],
+                    num_samples: int) -> dict:
+    """The metrics of one checkpoint: reward means (with counts of unscored), pass@1/pass@k, length, truncation."""
+    flat = [s for ss in samples for s in ss]
+    summary: dict = {"rewards": {name: asdict(summarize(values)) for name, values in rewards.items()}}
+    summary["rewards"]["weighted_total"] = asdict(summarize(weighted_total(rewards, suite.reward_weights)))
+    passes = rewards[suite.pass_reward]
+    for k in sorted({1, num_samples}):
+        estimates = []
+        for row in range(len(samples)):
+            values = [v for v in passes[row * num_samples : (row + 1) * num_samples] if v is not None]
+            # A prompt with unscorable samples (e.g. an unparseable gold) has fewer than k to draw from.
+            if len(values) >= k:
+                estimates.append(pass_at_k(len(values), sum(v == 1.0 for v in values), k))
+        summary[f"pass@{k}"] = sum(estimates) / len(estimates) if estimates else None
+        summary[f"pass@{k}_prompts_unscored"] = len(samples) - len(estimates)
+    summary["mean_completion_tokens"] = sum(len(s.token_ids) for s in flat) / len(flat)
+    summary["truncation_rate"] = sum(s.truncated for s in flat) / len(flat)
+    return summary
+
+
+def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, rows: list[dict],
+                   settings: GenerationSettings, backend: str) -> dict:
+    """Generate, score and summarise one checkpoint; returns {"summary": ..., "samples": [...]}."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    conversational = bool(config.use_chat_template and tokenizer.chat_template)
+    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], config.use_chat_template)
+    eos_ids = eos_token_ids(model_path, tokenizer)
+    if backend == "vllm":
+        samples = generate_vllm(model_path, prompts, eos_ids, settings, config.vllm_kv_cache_memory_bytes)
+    else:
+        samples = generate_transformers(model_path, prompts, eos_ids, settings, config.batch_size)
+    # One decode for both backends (vLLM's incremental detokenizer may differ in whitespace).
+    texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
+    rewards = score_samples(suite, rows, samples, texts, conversational)
+    records = []
+    for row_index, (row, row_texts) in enumerate(zip(rows, texts)):
+        for sample_index, text in enumerate(row_texts):
+            flat = row_index * settings.num_samples + sample_index
+            records.append({**row, "sample": sample_index, "completion": text,
+                            "completion_tokens": len(samples[row_index][sample_index].token_ids),
+                            "truncated": samples[row_index][sample_index].truncated,
+                            "rewards": {name: values[flat] for name, values in rewards.items()}})
+    return {"backend": backend, "chat_template": conversational,
+            "summary": summarize_model(suite, samples, rewards, settings.num_samples), "samples": records}
+
+
+def format_table(results: dict[str, dict], num_samples: int) -> str:
+    """Metrics as rows, one column per checkpoint."""
+    names = list(results)
+    first = results[names[0]]["summary"]
+    metrics: list[tuple[str, callable]] = []
+    for reward in first["rewards"]:
+        metrics.append((f"{reward} (mean)", lambda s, r=reward: _number(s["rewards"][r]["mean"])))
+        metrics.append((f"{reward} unscored", lambda s, r=reward: str(s["rewards"][r]["unscored"])))
+    for k in sorted({1, num_samples}):
+        metrics.append((f"pass@{k}", lambda s, k=k: _number(s[f"pass@{k}"])))
+    metrics.append(("mean completion tokens", lambda s: f"{s['mean_completion_tokens']:.1f}"))
+    metrics.append(("truncation rate", lambda s: _number(s["truncation_rate"])))
+    headers = ["metric", *names]
+    body = [[label, *(fmt(results[n]["summary"]) for n in names)] for label, fmt in metrics]
+    widths = [max(len(line[col]) for line in [headers, *body]) for col in range(len(headers))]
+    lines = ["  ".join(cell.ljust(w) if col == 0 else cell.rjust(w) for col, (cell, w) in enumerate(zip(line, widths)))
+             for line in [headers, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def plot_results(results: dict[str, dict], num_samples: int, path: Path) -> None:
+    """Grouped bars: reward means and pass rates (left), mean completion length (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    summaries = [results[n]["summary"] for n in names]
+    labels = [*summaries[0]["rewards"], *(f"pass@{k}" for k in sorted({1, num_samples})), "truncation rate"]
+
+    def value(summary: dict, label: str) -> float:
+        if label in summary["rewards"]:
+            mean = summary["rewards"][label]["mean"]
+        else:
+            mean = summary["truncation_rate" if label == "truncation rate" else label]
+        return math.nan if mean is None else mean
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.2 * len(labels), 4.5),
+                                         gridspec_kw={"width_ratios": [len(labels), 1.5]})
+    width = 0.8 / len(names)
+    for position, (name, summary) in enumerate(zip(names, summaries)):
+        offsets = [i + position * width for i in range(len(labels))]
+        left.bar(offsets, [value(summary, label) for label in labels], width, label=name)
+        right.bar(position, summary["mean_completion_tokens"], label=name)
+    left.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=30, ha="right")
+    left.axhline(0.0, color="black", linewidth=0.5)
+    left.set_title("rewards (mean) and pass rates")
+    left.legend(fontsize="small")
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    right.set_title("mean completion tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def resolve_backend(requested: str) -> str:
+    if requested == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+    if requested == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--backend vllm, but vLLM is not installed (pip install smolforge[cpu] or [gpu]); "
+                         "use --backend transformers")
+    return requested
+
+
+def generation_settings(config: EvaluateConfig, suite: RewardSuite) -> GenerationSettings:
+    settings = GenerationSettings(
+        num_samples=suite.num_samples if config.num_samples is None else config.num_samples,
+        temperature=suite.temperature if config.temperature is None else config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=suite.max_new_tokens if config.max_new_tokens is None else config.max_new_tokens,
+        seed=config.seed,
+        dtype=config.dtype,
+    )
+    if settings.num_samples < 1 or settings.max_new_tokens < 1:
+        raise ValueError(f"num_samples ({settings.num_samples}) and max_new_tokens ({settings.max_new_tokens}) must be >= 1")
+    if settings.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {settings.temperature}")
+    if settings.temperature == 0 and settings.num_samples > 1:
+        raise ValueError(f"num_samples={settings.num_samples} with temperature 0: greedy decoding gives the same "
+                         "completion every time; set --temperature > 0 for pass@k, or --num_samples 1")
+    return settings
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Evaluate every `config.model` on the suite; print the table; write results.json and results.png."""
+    suite = get_suite(config.suite)
+    rows = load_rows(suite, config.split, config.data_path)[: config.max_examples]
+    if not rows:
+        raise ValueError(f"suite {suite.name!r} (split {config.split!r}, data_path {config.data_path!r}) has no rows")
+    settings = generation_settings(config, suite)
+    backend = resolve_backend(config.backend)
+    configure_default_pool(item_timeout_s=config.item_timeout_s)
+    names = _column_names(config.model)
+    results = {name: evaluate_model(path, config, suite, rows, settings, backend)
+               for name, path in zip(names, config.model)}
+    print(f"suite {suite.name} ({suite.description}), split {config.split}, {len(rows)} prompts x "
+          f"{settings.num_samples} samples, temperature {settings.temperature}, backend {backend}")
+    print(format_table(results, settings.num_samples))
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"suite": suite.name, "split": config.split, "generation": asdict(settings),
+              "config": resolved_recipe(config), "models": {n: {"path": p, **results[n]}
+                                                          for n, p in zip(names, config.model)}}
+    _write_atomically(output_dir / "results.json", json.dumps(report, indent=2))
+    plot_results(results, settings.num_samples, output_dir / "results.png")
+    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'results.png'}")
+    return report
+
+
+def _column_names(paths: list[str]) -> list[str]:
+    """Short unique labels: the last path component, or more of the path where those clash."""
+    for depth in range(1, max(len(Path(p).parts) for p in paths) + 1):
+        names = ["/".join(Path(p).parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"--model lists the same checkpoint twice: {paths}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def merge_repeated_flag(args: list[str], flag: str) -> list[str]:
+    """`--model A --model B` -> `--model A B` (argparse would keep only the last repetition)."""
+    values, rest, index = [], [], 0
+    while index < len(args):
+        if args[index] == flag:
+            index += 1
+            while index < len(args) and not args[index].startswith("--"):
+                values.append(args[index])
+                index += 1
+        else:
+            rest.append(args[index])
+            index += 1
+    return rest + ([flag, *values] if values else [])
+
+
+def main(args: list[str] | None = None) -> dict:
+    (config,) = parse_recipe(EvaluateConfig, args=merge_repeated_flag(list(sys.argv[1:] if args is None else args),
+                                                                      "--model"))
+    return evaluate(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""One grading worker process of `rewards.verifier_pool` (started by the pool, not by hand).
+
+    python -m rewards.grading_worker ITEM_TIMEOUT_S
+
+Protocol, one JSON line per message: the worker writes {"status": "ready"} once math-verify is
+imported; then for each `[gold, completion]` line on stdin it writes one outcome line,
+{"status": "ok", "value": 1.0 | 0.0 | null} or {"status": "error", "error": "..."}. It exits at
+end of input. The pool enforces the time limit by killing this process.
+"""
+
+import ctypes
+import json
+import math
+import os
+import signal
+import sys
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the pool's process dies, even mid-bomb (a thread
+    watching the parent could not run: a big-integer computation holds the GIL)."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> None:
+    item_timeout_s = float(sys.argv[1])
+    _die_with_parent()
+    # The protocol gets a private copy of stdout; fd 1 then points at stderr, so whatever
+    # math-verify, sympy or a warning prints can never corrupt a message.
+    protocol = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+
+    from rewards.math_grader import grade
+
+    # math-verify's own signal timeouts (whole seconds) stop slow Python code politely; the pool's
+    # kill is the hard limit. Rounded up so they never fire before the pool's limit would.
+    signal_timeout_s = max(1, math.ceil(item_timeout_s))
+    protocol.write(b'{"status": "ready"}\n')
+    for line in sys.stdin.buffer:
+        gold, completion = json.loads(line)
+        try:
+            message = {"status": "ok", "value": grade(gold, completion, timeout_s=signal_timeout_s)}
+        except Exception as error:  # a math-verify bug on one odd input must not end the worker
+            message = {"status": "error", "error": f"{type(error).__name__}: {error}"[:500]}
+        protocol.write(json.dumps(message).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:  # the pool closed this worker's pipes (shutdown, or killed mid-start)
+        os._exit(0)

@@ -39,9 +39,9 @@ def main() -> None:
 
     from rewards.math_grader import grade
 
-    # math-verify's own signal timeouts (whole seconds) stop slow Python code politely; the pool's
-    # kill is the hard limit. Rounded up so they never fire before the pool's limit would.
-    signal_timeout_s = max(1, math.ceil(item_timeout_s))
+    # math-verify's own signal timeouts (whole seconds) stop slow Python code politely, a second
+    # before the pool's kill (the hard limit, which also stops C-level arithmetic) would cost a restart.
+    signal_timeout_s = max(1, math.ceil(item_timeout_s) - 1)
     protocol.write(b'{"status": "ready"}\n')
     for line in sys.stdin.buffer:
         gold, completion = json.loads(line)

@@ -40,8 +40,9 @@ EVALF_DIGITS = 50
 _SQRT_WITH_PARENS = re.compile(r"\\sqrt\s*\(([^()]*)\)")
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-# Sentences end at ". " / newline; a decimal point inside a number is not an end.
-_SENTENCE_END = re.compile(r"\.(?!\d)|[\n!?;]")
+# Sentences end at ". ", "?", ";" or a newline; a decimal point inside a number is not an end, and
+# "!" is not one either (it is also the factorial: "1/2004!").
+_SENTENCE_END = re.compile(r"\.(?!\d)|[\n?;]")
 
 
 def grade(gold: str, completion: str, timeout_s: int = 5) -> float | None:
@@ -51,7 +52,9 @@ def grade(gold: str, completion: str, timeout_s: int = 5) -> float | None:
     code; the pool's hard kill catches what they cannot (C-level big-integer arithmetic).
     """
     gold_parsed = parse(_gold_as_latex(gold), parsing_timeout=timeout_s)
-    if not gold_parsed:
+    # A gold that math-verify could only keep as the raw string (its "first_match" fallback) is not
+    # understood: grading against it would be string equality at best, so it cannot be scored.
+    if not any(isinstance(item, (sympy.Basic, sympy.MatrixBase)) for item in gold_parsed):
         return None
     region = final_answer_region(completion)
     candidates = [region] if region is not None else [completion, _last_sentence_with_number(completion)]

@@ -60,8 +60,12 @@ def save_checkpoint(
     parent: str | None,
     data_fingerprint: str | None = None,
     metrics: dict | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save `model` (+ `tokenizer`) and `stage.json` to `output_dir`, atomically; return the path.
+
+    `state_dict`: the full weights when `model`'s own are sharded (FSDP: accelerate's
+    `get_state_dict` gathers them on the main process).
 
     Everything is written to a hidden temporary directory next to `output_dir` (same
     filesystem, so the final rename is atomic) and moved into place only when complete.
@@ -93,7 +97,7 @@ def save_checkpoint(
     try:
         # transformers 5 writes safetensors only; it also writes generation_config.json for
         # models that can generate.
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         pickles = [path.name for pattern in PICKLE_WEIGHT_PATTERNS for path in tmp.rglob(pattern)]

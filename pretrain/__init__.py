@@ -1,0 +1,1 @@
+"""Pretraining: tokenizer training, data sources and mixtures, the training loop, exact resume."""

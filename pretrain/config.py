@@ -1,0 +1,70 @@
+"""PretrainConfig: every field of a pretraining (or mid-training) recipe, with its meaning."""
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class PretrainConfig:
+    # --- model -----------------------------------------------------------------------------------
+    output_dir: str = _help("Run directory: checkpoint-<step>/ subfolders, metrics.jsonl, then the final model.",
+                            default="out/pretrain")
+    tokenizer_name_or_path: str | None = _help("Tokenizer directory (python -m pretrain.tokenizer) or any HF tokenizer.",
+                                               default=None)
+    model_name_or_path: str | None = _help("Start from this checkpoint (mid-training) instead of random weights.",
+                                           default=None)
+    model_preset: str = _help("Size preset of core/config.py for a model from scratch.", default="tiny")
+    model_overrides: dict = _help("SmolForgeConfig fields changed from the preset (vocab_size defaults to the "
+                                  "tokenizer's length).", default_factory=dict)
+    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+
+    # --- data ------------------------------------------------------------------------------------
+    sources: list[dict] = _help("Data sources: {name, path, weight, text_field, max_documents, split, seed}.",
+                                default_factory=list)
+    stages: list[dict] | None = _help("Curriculum: [{start_step | start_tokens, weights: {source: w}}]; "
+                                      "default: one stage with the sources' weights.", default=None)
+    adaptive_mixture: bool = _help("Shift weight toward sources whose validation loss improves most slowly "
+                                   "(rule in pretrain/data.py:adapt_factors), at every evaluation.", default=False)
+    adaptive_rate: float = _help("Step size of the adaptive rule.", default=0.5)
+    seq_len: int = _help("Tokens per packed row.", default=256)
+    validation_rows: int = _help("Rows held out per source for its validation loss.", default=8)
+    data_cache_dir: str = _help("Where tokenised sources are cached (keyed by source, tokenizer, seq_len).",
+                                default="out/data_cache")
+
+    # --- optimisation ------------------------------------------------------------------------------
+    max_steps: int = _help("Optimizer steps.", default=200)
+    per_device_batch_size: int = _help("Rows per micro-batch per process.", default=16)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate.", default=3e-3)
+    weight_decay: float = _help("AdamW weight decay on the matrices.", default=0.1)
+    no_decay: list[str] = _help("Parameter kinds without weight decay: any of embeddings, norms, biases.",
+                                default_factory=lambda: ["embeddings", "norms", "biases"])
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2 (0.95 as in SmolLM3 / Llama).", default=0.95)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    lr_scheduler: str = _help("wsd (warmup-stable-decay) or cosine.", default="wsd")
+    warmup_steps: int = _help("Linear warmup steps.", default=20)
+    decay_steps: int = _help("WSD: steps of the final decay (SmolLM3 decays over the last ~10%).", default=40)
+    decay_type: str = _help("WSD decay shape: linear, cosine or 1-sqrt.", default="linear")
+    min_lr_ratio: float = _help("Final learning rate as a fraction of the peak.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    mixed_precision: str = _help("no | bf16 (autocast; on CPU too, about 2x faster here: shared/FACTS.md).",
+                                 default="no")
+    torch_compile: bool = _help("torch.compile the model.", default=False)
+    seed: int = _help("Seed of the init (same on every rank) and of the data order.", default=0)
+
+    # --- checkpoints, evaluation, logging -------------------------------------------------------
+    save_steps: int = _help("Checkpoint every N steps (and at the end).", default=100)
+    save_total_limit: int = _help("Keep the newest K checkpoints.", default=2)
+    resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", default=False)
+    eval_steps: int = _help("Per-source validation loss every N steps (and at the end).", default=50)
+    logging_steps: int = _help("Log every N steps.", default=10)
+    report_to: list[str] = _help("Any of jsonl (output_dir/metrics.jsonl), tensorboard, wandb (offline unless "
+                                 "WANDB_MODE says otherwise).", default_factory=lambda: ["jsonl"])
+    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 bf16), "
+                                     "190e9 on CPU (2 threads fp32, shared/FACTS.md).", default=None)
+    log_sequence_ids: bool = _help("Write every consumed (source, row) to sequence_ids.jsonl, to audit the stream.",
+                                   default=False)

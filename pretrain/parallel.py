@@ -1,0 +1,83 @@
+"""Data parallelism applied from outside the model (torchtitan's split): DDP through accelerate, or FSDP2.
+
+`accelerate launch` with an FSDP config (recipes/accelerate_configs/fsdp2.yaml) sets
+ACCELERATE_USE_FSDP=true. accelerate only turns that into FSDP for GPU-type launches: on CPU its
+processes become plain MULTI_CPU (gloo) and the model would silently be DDP-wrapped instead
+(accelerate/state.py, measured with accelerate 1.15). So FSDP2 is applied here, the same way on
+every device: `fully_shard` on each decoder block and then on the root (the torchtitan recipe),
+with model and optimizer checkpointed by torch.distributed.checkpoint (each rank writes its shards).
+Everything else (RNG, scheduler, data position) goes through accelerate's save_state either way.
+"""
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+
+def fsdp2_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+class DataParallel:
+    """The model and optimizer of a run, replicated (DDP / one process) or sharded (FSDP2)."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, make_optimizer):
+        self.accelerator = accelerator
+        self.fsdp = fsdp2_requested() and accelerator.num_processes > 1
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+            model.to(accelerator.device)
+            for layer in model.model.layers:
+                fully_shard(layer, reshard_after_forward=reshard)
+            fully_shard(model, reshard_after_forward=reshard)
+            # The optimizer is built on the sharded (DTensor) parameters.
+            self.model, self.optimizer = model, make_optimizer(model)
+        else:
+            self.model, self.optimizer = accelerator.prepare(model, make_optimizer(model))
+
+    @property
+    def kind(self) -> str:
+        return "FSDP2" if self.fsdp else self.accelerator.distributed_type.value
+
+    def no_sync(self, last_micro_batch: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch (DDP). FSDP2 reduce-scatters
+        every micro-batch: keeping unsharded gradients across micro-batches would undo the sharding."""
+        return nullcontext() if last_micro_batch or self.fsdp else self.accelerator.no_sync(self.model)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        if self.fsdp:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def save(self, directory: Path) -> None:
+        """Model + optimizer (+ accelerate's RNG and registered objects) into `directory`."""
+        self.accelerator.save_state(str(directory))
+        if self.fsdp:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "fsdp2"))
+
+    def load(self, directory: Path) -> None:
+        self.accelerator.load_state(str(directory))
+        if self.fsdp:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(directory / "fsdp2"))
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_state_dict(self) -> dict:
+        """Unsharded weights for a Hugging Face save (complete on the main process). Collective: call on all ranks."""
+        if self.fsdp:
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.accelerator.get_state_dict(self.model)
+
+    def base_model(self) -> torch.nn.Module:
+        return self.model if self.fsdp else self.accelerator.unwrap_model(self.model)

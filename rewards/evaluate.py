@@ -25,7 +25,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,7 +235,7 @@ def format_table(results: dict[str, dict], num_samples: int) -> str:
     """Metrics as rows, one column per checkpoint."""
     names = list(results)
     first = results[names[0]]["summary"]
-    metrics: list[tuple[str, callable]] = []
+    metrics: list[tuple[str, Callable[[dict], str]]] = []
     for reward in first["rewards"]:
         metrics.append((f"{reward} (mean)", lambda s, r=reward: _number(s["rewards"][r]["mean"])))
         metrics.append((f"{reward} unscored", lambda s, r=reward: str(s["rewards"][r]["unscored"])))

@@ -28,6 +28,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/core_throughput.py
+	$(PY) bench/pretrain_data.py
+	$(PY) bench/pretrain_throughput.py
 
 clean:
 	rm -rf $(VENV)

@@ -216,7 +216,9 @@ class SmolForgeModel(SmolForgePreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, d)
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        # A cache only when asked for (generate asks): an implicit one would also turn off the
+        # packed-document mask below, which is only built when there is no cache.
+        use_cache = bool(use_cache)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:

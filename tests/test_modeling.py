@@ -57,6 +57,8 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
         scale = alone.abs().max().item()
         torch.testing.assert_close(logits[:, start:start + doc.shape[1]], alone, rtol=0, atol=1e-5 * scale)
         start += doc.shape[1]
+    # Packing is detected in eval mode with the default arguments too (no implicit KV cache).
+    torch.testing.assert_close(model(packed, position_ids=position_ids).logits, logits)
     # Control: the same row read as one long document does leak, far beyond that tolerance.
     leaked = model(packed, use_cache=False).logits[:, 9:26]
     assert (leaked - model(docs[1], use_cache=False).logits).abs().max() > 1e-2 * scale

@@ -10,19 +10,9 @@ import torch
 
 from pretrain.data import MixtureSchedule, MixtureStream, PackedSource, pack_source, position_ids_from_eos
 from pretrain.sources import DataSourceError, SourceSpec, iter_documents
-from pretrain.tokenizer import measure, sample_sources, train_tokenizer
+from pretrain.tokenizer import measure
 
-SOURCES = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_documents": 3000},
-           {"name": "prose", "path": "builtin:prose"}]
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """A 512-token BPE trained on the built-in sources, shared by the pretraining tests."""
-    tok = train_tokenizer(sample_sources(SOURCES + [{"name": "math", "path": "builtin:math"}], 600), 512)
-    path = tmp_path_factory.mktemp("tokenizer")
-    tok.save_pretrained(path)
-    return path
+from conftest import PRETRAIN_SOURCES as SOURCES
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,8 @@ def pack_source(spec: SourceSpec, tokenizer, seq_len: int, cache_dir: str | Path
             n_tokens += arr.size
             batch.clear()
 
-        for doc in iter_documents(spec):
+        stats: dict = {}
+        for doc in iter_documents(spec, stats):
             batch.append(doc)
             n_docs += 1
             if len(batch) == batch_docs:
@@ -80,7 +81,8 @@ def pack_source(spec: SourceSpec, tokenizer, seq_len: int, cache_dir: str | Path
     packed.flush()
     del packed, flat_arr
     (tmp / "flat.bin").unlink()
-    (tmp / "meta.json").write_text(json.dumps({"source": spec.__dict__, "documents": n_docs, "tokens": n_tokens,
+    (tmp / "meta.json").write_text(json.dumps({"source": spec.__dict__, "documents": n_docs, "filter_stats": stats,
+                                               "tokens": n_tokens,
                                                "rows": rows, "seq_len": seq_len, "dtype": np.dtype(dtype).name}))
     try:
         tmp.rename(out)

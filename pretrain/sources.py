@@ -3,7 +3,7 @@
 A source is a dict in the recipe:
 
     {name: arithmetic, path: "builtin:arithmetic", weight: 0.7, max_documents: 20000}
-    {name: web, path: data/web.jsonl, text_field: text}
+    {name: web, path: data/web.jsonl, text_field: text, filters: [gopher_repetition, fineweb_quality], dedup: true}
     {name: fineweb, path: "hf:HuggingFaceFW/fineweb-edu", split: train, max_documents: 100000}
 
 `path` is a `builtin:` generator (no network: the tiny recipes, the demo and the tests use these),
@@ -45,6 +45,8 @@ class SourceSpec:
     max_documents: int | None = None
     split: str = "train"
     seed: int = 0
+    filters: list[str] | None = None
+    dedup: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict, index: int) -> "SourceSpec":
@@ -59,6 +61,9 @@ class SourceSpec:
         if unknown:
             raise DataSourceError(f"{where} ({raw['name']}): unknown keys {unknown}; valid keys: {sorted(known)}")
         spec = cls(**raw)
+        unknown_filters = sorted(set(spec.filters or []) - set(QUALITY_FILTERS))
+        if unknown_filters:
+            raise DataSourceError(f"source {spec.name!r}: unknown filters {unknown_filters}; filters: {sorted(QUALITY_FILTERS)}")
         if spec.weight < 0:
             raise DataSourceError(f"source {spec.name!r}: weight must be >= 0, got {spec.weight}")
         return spec
@@ -75,21 +80,69 @@ def generator_fingerprint(spec: SourceSpec) -> str:
     return hashlib.sha256(code).hexdigest()[:16]
 
 
-def iter_documents(spec: SourceSpec) -> Iterator[str]:
-    """Yield the documents of a source, raising DataSourceError naming the source when it is bad."""
-    count = 0
-    for text in _raw_documents(spec):
+# datatrove's heuristic filters (the ones behind FineWeb: Penedo et al. 2024), by recipe name. Their
+# English word tokenizer is spaCy's, which runs offline. Applied document by document, in order.
+QUALITY_FILTERS = {
+    "gopher_repetition": "GopherRepetitionFilter",  # repeated lines / n-grams (Rae et al. 2021)
+    "gopher_quality": "GopherQualityFilter",  # word counts, symbol ratios, stop words (Rae et al. 2021)
+    "c4_quality": "C4QualityFilter",  # sentence punctuation, boilerplate lines (Raffel et al. 2020)
+    "fineweb_quality": "FineWebQualityFilter",  # line punctuation, short lines, char duplication
+}
+
+
+def iter_documents(spec: SourceSpec, stats: dict | None = None) -> Iterator[str]:
+    """Yield the documents of a source, raising DataSourceError naming the source when it is bad.
+
+    `stats`, when given, receives the count of documents kept and of those dropped per reason
+    (empty, duplicate, each filter's own reason)."""
+    stats = stats if stats is not None else {}
+    stats.setdefault("kept", 0)
+    filters = _quality_filters(spec)
+    seen: set[bytes] = set()
+    for row, text in enumerate(_raw_documents(spec)):
         if not isinstance(text, str):
-            raise DataSourceError(f"source {spec.name!r} ({spec.path}): row {count} field {spec.text_field!r} "
+            raise DataSourceError(f"source {spec.name!r} ({spec.path}): row {row} field {spec.text_field!r} "
                                   f"is {type(text).__name__}, not text")
-        if not text.strip():
+        reason = "empty" if not text.strip() else None
+        if reason is None and spec.dedup:
+            # Exact dedup after whitespace normalisation; fuzzy (MinHash) dedup of a whole corpus is
+            # datatrove's multi-stage pipeline, beyond what one training process should run.
+            digest = hashlib.blake2b(" ".join(text.split()).encode(), digest_size=16).digest()
+            reason = "duplicate" if digest in seen else None
+            seen.add(digest)
+        if reason is None and filters:
+            reason = _first_rejection(filters, text, f"{spec.name}/{row}")
+        if reason is not None:
+            stats[reason] = stats.get(reason, 0) + 1
             continue
         yield text
-        count += 1
-        if spec.max_documents is not None and count >= spec.max_documents:
+        stats["kept"] += 1
+        if spec.max_documents is not None and stats["kept"] >= spec.max_documents:
             break
-    if count == 0:
-        raise DataSourceError(f"source {spec.name!r} ({spec.path}) is empty: it yielded no non-blank document")
+    if stats["kept"] == 0:
+        dropped = {k: v for k, v in stats.items() if k != "kept"}
+        raise DataSourceError(f"source {spec.name!r} ({spec.path}) is empty: it yielded no document"
+                              + (f" (dropped: {dropped})" if dropped else ""))
+
+
+def _quality_filters(spec: SourceSpec) -> list:
+    if not spec.filters:
+        return []
+    from datatrove.pipeline import filters as datatrove_filters
+
+    return [(name, getattr(datatrove_filters, QUALITY_FILTERS[name])()) for name in spec.filters]
+
+
+def _first_rejection(filters: list, text: str, doc_id: str) -> str | None:
+    from datatrove.data import Document
+
+    doc = Document(text=text, id=doc_id)
+    for name, f in filters:
+        verdict = f.filter(doc)
+        keep, reason = verdict if isinstance(verdict, tuple) else (verdict, None)
+        if not keep:
+            return f"{name}: {reason or 'rejected'}"
+    return None
 
 
 def _raw_documents(spec: SourceSpec) -> Iterator[str]:

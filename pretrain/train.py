@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
@@ -289,6 +290,8 @@ def run(cfg: PretrainConfig) -> dict:
     # the loop
     data_iter = iter(loader)
     model.train()
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", unit="step",
+                    disable=not accelerator.is_main_process)
     window_start, window_tokens = time.perf_counter(), 0
     previous_val = None
     last: dict = {}
@@ -330,6 +333,7 @@ def run(cfg: PretrainConfig) -> dict:
         window_tokens += n_global
 
         done = step + 1
+        progress.update(1)
         if done % cfg.logging_steps == 0 or done == cfg.max_steps:
             loss = accelerator.reduce(loss_sum, "mean").item()
             z = accelerator.reduce(z_sum, "mean").item()
@@ -343,6 +347,7 @@ def run(cfg: PretrainConfig) -> dict:
             last.update({f"loss/{n}": (per_source[0, j] / per_source[1, j]).item()
                          for j, n in enumerate(names) if per_source[1, j] > 0})
             metrics_log.log(done, last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
             accelerator.print(f"step {done}/{cfg.max_steps} loss {last['loss']:.4f} z {z:.2e} "
                               f"|g| {last['grad_norm']:.3f} lr {lr:.2e} {tps:,.0f} tok/s mfu {last['mfu']:.1%}")
             window_start, window_tokens = time.perf_counter(), 0
@@ -362,6 +367,7 @@ def run(cfg: PretrainConfig) -> dict:
         if os.environ.get("SMOLFORGE_FAULT") == f"kill_after_step:{done}":  # tests: kill -9 between steps
             os.kill(os.getpid(), signal.SIGKILL)
 
+    progress.close()
     final_metrics = {**last, "unigram_entropy": entropy, "steps": cfg.max_steps}
     accelerator.wait_for_everyone()
     state_dict = parallel.full_state_dict()

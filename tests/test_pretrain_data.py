@@ -151,3 +151,56 @@ def test_stage_errors_name_the_stage():
         MixtureSchedule(["a"], {}, [{"start_step": 3, "weights": {"a": 1}}], 1)
     s = MixtureSchedule(["a"], {}, [{"start_step": 0, "weights": {"a": 1}}, {"start_tokens": 1000, "weights": {"a": 1}}], 300)
     assert [start for start, _ in s.stages] == [0, 4]
+
+
+def test_adaptive_rule_moves_weight_to_the_slowest_learner():
+    from pretrain.data import adapt_factors
+
+    factors = np.ones(3)
+    previous = np.array([3.0, 3.0, 3.0])
+    current = np.array([2.0, 2.9, 2.5])  # source 1 improves least, source 0 most
+    new = adapt_factors(factors, previous, current, rate=0.5)
+    assert new[1] > new[2] > new[0]
+    assert new.min() >= 0.05
+    assert np.allclose(adapt_factors(factors, previous, previous - 0.1, rate=0.5), 1.0)  # equal progress: unchanged
+
+
+def test_parameter_groups_exempt_embeddings_norms():
+    from core import SmolForgeConfig, SmolForgeForCausalLM
+    from pretrain.train import parameter_groups
+
+    model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=256, qk_norm=True,
+                                                             position_embedding="learned"))
+    decay, no_decay = parameter_groups(model, 0.1, ["embeddings", "norms", "biases"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert "model.embed_tokens.weight" in exempt and "model.embed_positions.weight" in exempt
+    assert all("norm" in n or "embed" in n for n in exempt)
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - exempt
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    only_norms = parameter_groups(model, 0.1, ["norms"])[1]["params"]
+    assert "model.embed_tokens.weight" not in {names[id(p)] for p in only_norms}
+    with pytest.raises(ValueError, match="unknown kinds"):
+        parameter_groups(model, 0.1, ["embedding"])
+
+
+def test_datatrove_filters_and_dedup(tmp_path):
+    good = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that the "
+            "library should stay open longer during the exam period, and that the new reading room would be "
+            "finished before the winter. The chair thanked everyone for their work and closed the meeting.")
+    spam = "buy now " * 200
+    rows = [good, spam, good, "   "]
+    (tmp_path / "web.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in rows))
+    stats = {}
+    spec = SourceSpec.from_dict({"name": "web", "path": str(tmp_path / "web.jsonl"),
+                                 "filters": ["gopher_repetition", "fineweb_quality"], "dedup": True}, 0)
+    assert list(iter_documents(spec, stats)) == [good]
+    assert stats["kept"] == 1 and stats["duplicate"] == 1 and stats["empty"] == 1
+    assert any(k.startswith("gopher_rep") for k in stats)  # the spam's reason, from datatrove
+    only_spam = tmp_path / "spam.jsonl"
+    only_spam.write_text(json.dumps({"text": spam}))
+    with pytest.raises(DataSourceError, match="source 'spam'.*empty.*dropped"):
+        list(iter_documents(SourceSpec.from_dict({"name": "spam", "path": str(only_spam),
+                                                  "filters": ["gopher_repetition"]}, 0)))
+    with pytest.raises(DataSourceError, match="unknown filters"):
+        SourceSpec.from_dict({"name": "x", "path": "builtin:prose", "filters": ["gopher"]}, 0)

@@ -1,0 +1,216 @@
+"""The SFT stage: TRL's SFTTrainer on chat data, with smolforge's checks around it.
+
+    python -m sft --config recipes/tiny/sft.yaml [--field value ...]
+
+Steps, in order: parse the recipe (sft/config.py); load the tokenizer and install the chat template's
+training variant (adding missing control tokens, then resizing the embeddings); load the model (our
+core or any transformers causal LM); load, mix and validate the data (sft/data.py: bad rows fail here,
+named); optionally measure generations before training (sft/generation.py); train with
+`SFTTrainer`; save the final model, tokenizer (with its chat template) and stage.json atomically.
+
+Where we deviate from TRL's SFTTrainer (all in `SFTTrainer` below or in the data checks):
+  - a micro-batch with no trainable label is an error (TRL clamps the token count to 1 and returns
+    a silent zero loss, sft_trainer.py `compute_loss`);
+  - an example longer than max_length is an error unless `truncation: true` (TRL truncates, and
+    without packing drops rows left with no assistant token);
+  - TRL's `compute_loss` calls a fused LM head (`add_fused_lm_head`) on the backbone, so the core's
+    z-loss term is not part of the SFT loss; the NLL is summed and divided by `num_items_in_batch`,
+    the trainable-token count of the whole optimizer step, so gradient accumulation is exact;
+  - `--resume true` picks the newest checkpoint-* itself; a finished output_dir is never overwritten;
+  - the final save is `core.checkpoint.save_checkpoint` (with stage.json), LoRA merged into the weights;
+  - every logged step is appended to output_dir/metrics.jsonl (main process).
+
+SMOLFORGE_FAULT=kill_after_step:N (tests only) kills the process with SIGKILL right after the
+checkpoint of step N is written, to test resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import torch
+import trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+import chat_templates
+import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
+from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_checkpoint
+from core.recipe import parse_recipe, resolved_recipe
+
+from .config import SFTConfig
+from .data import SFTDataError, arithmetic_conversations, load_source, SourceSpec, load_sources, validate_rows
+from .generation import format_rates, generation_check
+
+
+class EmptyMaskError(RuntimeError):
+    """A micro-batch has no token to train on (assistant-only loss with an empty mask)."""
+
+
+class SFTTrainer(trl.SFTTrainer):
+    """TRL's SFTTrainer that refuses a micro-batch whose loss mask is empty.
+
+    TRL divides by `max(count, 1)`, so such a batch trains nothing and logs a loss of 0, which looks
+    like success. The data checks reject rows with an empty mask before training; this guards the
+    batches themselves (e.g. data passed straight to the trainer)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        # Causal LM: the label of position 0 is never predicted, so count from position 1, as
+        # Trainer._get_num_items_in_batch does.
+        if labels is not None and not (labels[..., 1:] != -100).any():
+            raise EmptyMaskError(
+                f"step {self.state.global_step}: a micro-batch of {labels.shape[0]} row(s) has no trainable token "
+                f"(every label is -100): the assistant mask is empty. Check the chat template's {{% generation %}} "
+                f"markers (chat_templates.check) and the data (sft/data.py validate_rows)")
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class MetricsLog(TrainerCallback):
+    """Append each log line (with its step) to output_dir/metrics.jsonl, main process only."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as stream:
+                stream.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class KillAfterCheckpoint(TrainerCallback):
+    """Tests: SIGKILL right after checkpoint N is saved (SMOLFORGE_FAULT=kill_after_step:N)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_tokenizer(cfg: SFTConfig):
+    """The tokenizer with the chat template's training variant installed; returns (tokenizer, added tokens)."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
+    if tokenizer.pad_token is None:
+        # Padding is masked out of the loss and attention; the end-of-turn token would do, but a
+        # distinct pad keeps it from being confused with a real end of turn.
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        added.append("<|pad|>")
+    return tokenizer, added
+
+
+def load_model(cfg: SFTConfig, tokenizer, end_of_turn: str):
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, attn_implementation=cfg.attn_implementation,
+                                                 dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # New control tokens: their embeddings start at the mean of the others (transformers' default
+        # mean_resizing), so the first steps do not see outlier vectors.
+        model.resize_token_embeddings(len(tokenizer))
+    # Generation must stop at the end of a turn; keep the base model's eos as a stop token too.
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    model.generation_config.eos_token_id = [eot_id, *[e for e in eos if e != eot_id]]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def peft_config(cfg: SFTConfig):
+    if not cfg.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets[0] if targets == ["all-linear"] else targets)
+
+
+def generation_rows(spec: dict) -> tuple[list[dict], int]:
+    spec = dict(spec)
+    max_new_tokens = spec.pop("max_new_tokens", 48)
+    rows = load_source(SourceSpec.from_dict(spec, 0))
+    return [r for r in rows if "messages" in r and r["messages"][-1]["role"] == "assistant"], max_new_tokens
+
+
+def check_output_dir(cfg: SFTConfig) -> str | None:
+    """The checkpoint to resume from (None: start fresh); refuse to overwrite a finished run."""
+    out = Path(cfg.output_dir)
+    if (out / MANIFEST_NAME).exists():
+        raise FileExistsError(f"{out} already holds a finished model ({MANIFEST_NAME}); choose another output_dir")
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if last is not None and not cfg.resume:
+        raise FileExistsError(f"{out} holds checkpoints ({Path(last).name}); pass --resume true to continue that "
+                              f"run, or choose another output_dir")
+    return last if cfg.resume else None
+
+
+def run(cfg: SFTConfig) -> dict:
+    if cfg.model_name_or_path is None:
+        raise ValueError("model_name_or_path is required: the checkpoint to fine-tune (e.g. out/tiny/pretrain)")
+    resume_from = check_output_dir(cfg)
+    template = chat_templates.load(cfg.chat_template)
+    tokenizer, added = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer, template.end_of_turn)
+
+    rows, origins = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
+    lengths = validate_rows(rows, origins, tokenizer, cfg.max_length, cfg.truncation, cfg.assistant_only_loss)
+    n_think = sum(bool((r.get("chat_template_kwargs") or {}).get("enable_thinking")) for r in rows)
+    fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
+    # Over-long rows were refused above unless truncation is on; with truncation on TRL truncates
+    # (keep_start), and with packing bfd truncates each row to max_length.
+    train_dataset = Dataset.from_list(rows)
+
+    fault = os.environ.get("SMOLFORGE_FAULT", "")
+    callbacks = [MetricsLog(Path(cfg.output_dir) / "metrics.jsonl")]
+    if fault.startswith("kill_after_step:"):
+        callbacks.append(KillAfterCheckpoint(int(fault.split(":")[1])))
+
+    rates_before = None
+    if cfg.generation_eval:
+        eval_rows, max_new_tokens = generation_rows(cfg.generation_eval)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
+                         peft_config=peft_config(cfg), callbacks=callbacks)
+    accelerator = trainer.accelerator
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.print(
+        f"sft: {accelerator.num_processes} process(es) (world size {cfg.world_size}, {accelerator.distributed_type}); "
+        f"{len(rows)} conversations ({n_think} think, {len(rows) - n_think} no-think), {sum(lengths)} tokens, "
+        f"longest {max(lengths)}; template {template.name}"
+        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
+    if cfg.generation_eval and accelerator.is_main_process and resume_from is None:
+        rates_before = generation_check(model, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
+
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+
+    final = trainer.model
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
+    if cfg.use_peft:
+        final = final.merge_and_unload()  # the next stage loads a plain checkpoint
+    if accelerator.is_main_process:
+        if cfg.generation_eval and not trainer.is_fsdp_enabled:
+            rates_after = generation_check(final, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
+            metrics.update({f"generation/{k}": v for k, v in rates_after.items()})
+            if rates_before is not None:
+                metrics.update({f"generation_before/{k}": v for k, v in rates_before.items()})
+                print(f"held-out generations ({len(eval_rows)} prompts x think/no-think), before -> after SFT: "
+                      f"{format_rates(rates_before, rates_after)}")
+            else:
+                print(f"held-out generations after SFT: {format_rates(rates_after, rates_after)}")
+        save_checkpoint(cfg.output_dir, final, tokenizer, stage="sft", recipe=resolved_recipe(cfg),
+                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=metrics,
+                        state_dict=state_dict)
+        print(f"final train loss {metrics.get('train_loss', float('nan')):.4f}; model written to {cfg.output_dir}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = parse_recipe(SFTConfig, args=argv)
+    return run(cfg)

@@ -65,6 +65,12 @@ class RecipeParser(TrlParser):
             for field in dataclasses.fields(dataclass_type):
                 if field.init:
                     self.declared_types[field.name] = hints[field.name]
+        # A mapping on the command line is written as YAML/JSON (`--model_overrides '{qk_norm: true}'`);
+        # argparse's own `dict("...")` cannot parse any string.
+        for action in self._actions:
+            declared = self.declared_types.get(action.dest)
+            if declared is not None and action.type is dict:
+                action.type = _mapping_from_text
 
     def error(self, message: str) -> typing.NoReturn:
         # argparse's default prints usage and calls sys.exit(2); raise instead so a bad flag
@@ -145,6 +151,13 @@ class RecipeParser(TrlParser):
             choices = ", ".join(repr(choice) for choice in action.choices)
             raise RecipeError(f"{where}: {value!r} is not one of {choices}")
         return converted
+
+
+def _mapping_from_text(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mapping; write it as YAML or JSON, e.g. '{{key: value}}'")
+    return value
 
 
 def parse_recipe(*dataclass_types: type, args: Sequence[str] | None = None) -> tuple[Any, ...]:

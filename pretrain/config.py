@@ -66,5 +66,23 @@ class PretrainConfig:
                                  "WANDB_MODE says otherwise).", default_factory=lambda: ["jsonl"])
     peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 bf16), "
                                      "190e9 on CPU (2 threads fp32, shared/FACTS.md).", default=None)
+    preflight: bool = _help("Run the preflight checks only, print them, and exit.", default=False)
+    skip_preflight: bool = _help("Do not run the preflight checks before training.", default=False)
+
+    # --- monitoring and alerts (pretrain/monitor.py) --------------------------------------------
+    alert_policies: dict = _help("Policy per alert (warn | skip | rollback | stop; throughput_drop and data_stall: "
+                                 "warn | stop). Defaults: nan skip, everything else warn.", default_factory=dict)
+    spike_sigma: float = _help("Loss spike: loss above the median of the last spike_window steps by this many robust "
+                               "standard deviations (1.4826 x MAD, at least 2% of the median).", default=6.0)
+    spike_window: int = _help("Applied steps the spike statistics look back over.", default=50)
+    spike_warmup: int = _help("Steps of statistics before spike and explosion alerts can fire.", default=20)
+    ema_beta: float = _help("Decay of the grad-norm EMA.", default=0.95)
+    grad_explosion_factor: float = _help("Grad-norm explosion: norm above this multiple of its EMA.", default=10.0)
+    throughput_fraction: float = _help("Throughput drop: tokens/s below this fraction of the running median...",
+                                       default=0.5)
+    throughput_windows: int = _help("...for this many steps in a row (also the steps needed before it can fire).",
+                                    default=10)
+    data_stall_seconds: float = _help("Data stall: waiting longer than this for a batch.", default=30.0)
+    max_rollbacks: int = _help("Rollbacks allowed in one run before a rollback alert stops it instead.", default=3)
     log_sequence_ids: bool = _help("Write every consumed (source, row) to sequence_ids.jsonl, to audit the stream.",
                                    default=False)

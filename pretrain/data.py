@@ -22,12 +22,14 @@ import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from .monitor import fault
 from .sources import DataSourceError, SourceSpec, generator_fingerprint, iter_documents
 
 
@@ -188,6 +190,8 @@ class MixtureStream(IterableDataset):
         self.stage_counts = np.zeros(len(sources), dtype=np.int64)
         self.consumed = np.zeros(len(sources), dtype=np.int64)  # rows read per source, ever
         self._perm: dict[int, tuple[int, np.ndarray]] = {}  # source -> (epoch, its permutation)
+        # Rows never to train on (a rolled-back batch's): skipped when their turn comes.
+        self.excluded: set[tuple[int, int]] = set()
 
     def weights(self) -> np.ndarray:
         w = self.schedule.stages[self.stage][1] * self.adaptive_factors
@@ -212,27 +216,36 @@ class MixtureStream(IterableDataset):
             self.stage_drawn += 1
             s = int(np.argmax(w * self.stage_drawn - self.stage_counts))  # largest deficit; ties -> first
             self.stage_counts[s] += 1
-            rows.append((s, self._row(s, int(self.consumed[s]))))
+            row = self._row(s, int(self.consumed[s]))
             self.consumed[s] += 1
+            while (s, row) in self.excluded:
+                row = self._row(s, int(self.consumed[s]))
+                self.consumed[s] += 1
+            rows.append((s, row))
         self.step += 1
         return rows
 
     def __iter__(self):
+        slow = fault("slow_data")  # tests: "S:seconds" sleeps before every batch from step S on
         while True:
             mine = self.next_step_rows()[self.rank::self.world]
+            if slow and self.step > int(slow.split(":")[0]):
+                time.sleep(float(slow.split(":")[1]))
             for i in range(self.accum):
                 yield make_batch(mine[i * self.micro:(i + 1) * self.micro], self.sources, self.eos_id)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "stage": self.stage, "stage_drawn": self.stage_drawn,
                 "stage_counts": self.stage_counts.tolist(), "consumed": self.consumed.tolist(),
-                "adaptive_factors": self.adaptive_factors.tolist()}
+                "adaptive_factors": self.adaptive_factors.tolist(), "excluded": sorted(self.excluded)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.stage, self.stage_drawn = state["step"], state["stage"], state["stage_drawn"]
         self.stage_counts = np.asarray(state["stage_counts"], dtype=np.int64)
         self.consumed = np.asarray(state["consumed"], dtype=np.int64)
         self.adaptive_factors = np.asarray(state["adaptive_factors"], dtype=np.float64)
+        # A union: exclusions decided after this state was saved (a rollback to it) must survive it.
+        self.excluded |= {tuple(r) for r in state["excluded"]}
 
 
 def adapt_factors(factors: np.ndarray, previous: np.ndarray, current: np.ndarray, rate: float,

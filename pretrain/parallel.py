@@ -58,6 +58,11 @@ class DataParallel:
             return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
 
+    def parameter_norm(self) -> float:
+        """L2 norm of all weights (sharded ones included): a drifting norm is an early instability sign."""
+        norm = torch.nn.utils.get_total_norm([p.detach() for p in self.model.parameters()])
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
     def save(self, directory: Path) -> None:
         """Model + optimizer (+ accelerate's RNG and registered objects) into `directory`."""
         self.accelerator.save_state(str(directory))

@@ -31,18 +31,26 @@ from accelerate.utils import set_seed
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import data_fingerprint, save_checkpoint
 from core.kernels import RMSNorm
 from core.recipe import parse_recipe, resolved_recipe
 from .config import PretrainConfig
+from .monitor import AlertLog, Monitor, fault, resolve_policies
 from .parallel import DataParallel
+from .preflight import PreflightError, report, run_preflight
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
 from .sources import DataSourceError, SourceSpec
 
 CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class TrainingStopped(RuntimeError):
+    """An alert whose policy is `stop` ended the run; the offending update was not applied."""
+
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -69,7 +77,16 @@ def complete_checkpoints(out: Path) -> list[Path]:
 
 def build_model(cfg: PretrainConfig, tokenizer) -> SmolForgeForCausalLM:
     if cfg.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32,
+        # Mid-training: the overrides (a new RoPE theta or YaRN scaling, a longer
+        # max_position_embeddings) are written into the config the model is built with, and so
+        # into every checkpoint it saves.
+        config = AutoConfig.from_pretrained(cfg.model_name_or_path)
+        unknown = [k for k in cfg.model_overrides if not hasattr(config, k)]
+        if unknown:
+            raise ValueError(f"model_overrides {unknown} are not fields of {cfg.model_name_or_path}'s "
+                             f"{type(config).__name__}")
+        config = type(config).from_dict({**config.to_dict(), **cfg.model_overrides})
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, config=config, dtype=torch.float32,
                                                      attn_implementation=cfg.attn_implementation)
     else:
         # Rounded up to a multiple of 64: padded rows cost nothing and matmuls like the alignment.
@@ -191,6 +208,18 @@ def run(cfg: PretrainConfig) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     out = Path(cfg.output_dir)
     resume_from = check_output_dir(cfg)
+    if cfg.preflight or not cfg.skip_preflight:
+        failure = None
+        if accelerator.is_main_process:
+            try:
+                report(run_preflight(cfg, build_model), accelerator.print)
+            except PreflightError as e:
+                failure = e
+        # Every rank learns the verdict, so none is left waiting for a main process that stopped.
+        if accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "sum").item():
+            raise failure or PreflightError("preflight failed on the main process (see its output)")
+        if cfg.preflight:
+            return {"preflight": "passed"}
 
     # data
     if cfg.tokenizer_name_or_path is None:
@@ -227,10 +256,17 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(loader)
 
+    policies = resolve_policies(cfg.alert_policies)
+    monitor = Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
+                      grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
+                      throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
+                      spike_window=cfg.spike_window)
     start_step = 0
     if resume_from is not None:
         parallel.load(resume_from / "state")
-        start_step = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        start_step = state["step"]
+        monitor.load_state_dict(state["monitor"])
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +275,7 @@ def run(cfg: PretrainConfig) -> dict:
         if cfg.log_sequence_ids and start_step == 0:
             (out / "sequence_ids.jsonl").unlink(missing_ok=True)
     metrics_log = MetricsLog(cfg, accelerator)
+    alert_log = AlertLog(out / "alerts.jsonl", accelerator.is_main_process, accelerator.print, metrics_log.wandb)
     recipe = resolved_recipe(cfg)
     fingerprint = data_fingerprint([json.dumps([s.__dict__ for s in specs], sort_keys=True, default=str),
                                     str(cfg.seq_len), str(dirs)])
@@ -257,9 +294,9 @@ def run(cfg: PretrainConfig) -> dict:
             save_checkpoint(tmp / "model", parallel.base_model(), tokenizer, stage="pretrain-checkpoint",
                             recipe=recipe, parent=cfg.model_name_or_path, data_fingerprint=fingerprint,
                             state_dict=state_dict)
-            if os.environ.get("SMOLFORGE_FAULT") == f"kill_in_checkpoint:{step}":  # tests: die mid-write
+            if fault("kill_in_checkpoint") == str(step):  # tests: die mid-write
                 os.kill(os.getpid(), signal.SIGKILL)
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "monitor": monitor.state_dict()}))
             tmp.rename(final)  # the checkpoint exists only from here on
             for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
                 shutil.rmtree(old)
@@ -295,28 +332,46 @@ def run(cfg: PretrainConfig) -> dict:
     window_start, window_tokens = time.perf_counter(), 0
     previous_val = None
     last: dict = {}
-    for step in range(start_step, cfg.max_steps):
+    poison_step = fault("poison_step")
+    poisoned: set[tuple[int, int]] = set()  # tests: rows whose tokens a fault replaced with noise
+    rollbacks = 0
+    step = start_step
+    while step < cfg.max_steps:
+        t_data = time.perf_counter()
         micro_batches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
-        if cfg.log_sequence_ids:
-            ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
-            gathered = accelerator.gather(ids.to(accelerator.device)).cpu().tolist()
-            if accelerator.is_main_process:
-                with open(out / "sequence_ids.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, "rows": gathered}) + "\n")
+        data_wait = time.perf_counter() - t_data
+        t_step = time.perf_counter()
+        ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
+        step_rows = [tuple(r) for r in accelerator.gather(ids.to(accelerator.device)).cpu().tolist()]
+        if poison_step is not None and step == int(poison_step) and not poisoned:
+            poisoned.update(step_rows)
+        for mb in micro_batches:
+            for i, (s_idx, r) in enumerate(zip(mb["source"].tolist(), mb["row"].tolist())):
+                if (s_idx, r) in poisoned:  # a corrupted shard: uniform noise tokens
+                    mb["input_ids"][i] = mb["labels"][i] = torch.randint(0, config.vocab_size, (cfg.seq_len,),
+                                                                         generator=torch.Generator().manual_seed(r))
+        if cfg.log_sequence_ids and accelerator.is_main_process:
+            with open(out / "sequence_ids.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "rows": step_rows}) + "\n")
         n_local = sum(mb["labels"][:, 1:].numel() for mb in micro_batches)
         n_global = accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item()
         items = n_global / world  # per-rank share: DDP/FSDP average gradients over ranks
         loss_sum = torch.zeros((), device=accelerator.device)
         z_sum = torch.zeros((), device=accelerator.device)
         per_source = torch.zeros(2, len(sources), device=accelerator.device)  # loss sum, rows
+        nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
         for i, mb in enumerate(micro_batches):
             last_micro = i == len(micro_batches) - 1
             with parallel.no_sync(last_micro), accelerator.autocast():
                 o = model(input_ids=mb["input_ids"].to(accelerator.device),
                           position_ids=mb["position_ids"].to(accelerator.device),
                           labels=mb["labels"].to(accelerator.device), num_items_in_batch=items)
-            accelerator.backward(o.loss)
-            loss_sum += o.loss.detach()
+            loss = o.loss
+            if nan_fault is not None and nan_fault.split(":")[0] == str(step + 1) and (
+                    ":" not in nan_fault or nan_fault.split(":")[1] == str(rank)):
+                loss = loss * float("nan")
+            accelerator.backward(loss)
+            loss_sum += loss.detach()
             z_sum += o.z_loss.detach()
             if o.logits is not None:  # per-source training loss, from logits already computed
                 with torch.no_grad():
@@ -326,45 +381,81 @@ def run(cfg: PretrainConfig) -> dict:
                     per_source[0].index_add_(0, src, row_loss)
                     per_source[1].index_add_(0, src, torch.ones_like(row_loss))
         grad_norm = parallel.clip_grad_norm(cfg.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_tokens += n_global
-
+        # Every rank reads the same global loss and norm, and a non-finite value anywhere is made
+        # non-finite everywhere, so all ranks take the same action and none is left waiting.
+        step_loss = accelerator.reduce(loss_sum, "mean").item()
+        bad = accelerator.reduce(torch.tensor(float(not math.isfinite(step_loss + grad_norm)),
+                                              device=accelerator.device), "sum").item()
         done = step + 1
+        alerts = monitor.check_step(done, float("nan") if bad else step_loss, grad_norm)
+        severity = {"warn": 0, "skip": 1, "rollback": 2, "stop": 3}
+        action = max((policies[a.kind] for a in alerts), key=severity.__getitem__, default="apply")
+        if action == "rollback" and not complete_checkpoints(out):
+            action = "skip"  # nothing to roll back to yet
+        if action == "rollback" and rollbacks >= cfg.max_rollbacks:
+            action = "stop"
+        for a in alerts:
+            a.action = action if action != "apply" else "warn"
+            alert_log.emit(a, rows=step_rows if action in ("skip", "rollback") else None)
+        if action == "stop":
+            raise TrainingStopped(f"stopped at step {done} by alert(s) {[a.kind for a in alerts]} (see alerts.jsonl)")
+        if action in ("skip", "rollback"):
+            optimizer.zero_grad(set_to_none=True)  # the update is dropped; optimizer and scheduler untouched
+        if action == "rollback":
+            rollbacks += 1
+            checkpoint = complete_checkpoints(out)[-1]
+            parallel.load(checkpoint / "state")
+            state = json.loads((checkpoint / STATE_FILE).read_text())
+            monitor.load_state_dict(state["monitor"])
+            stream.excluded.update(step_rows)
+            data_iter = iter(loader)
+            accelerator.print(f"rolled back to {checkpoint.name}; {len(step_rows)} rows of step {done} excluded")
+            progress.n = step = state["step"]
+            continue
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        if action != "skip":
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            monitor.accept_step(step_loss, grad_norm)
+        step_tps = n_global / (time.perf_counter() - t_step + data_wait)
+        for a in monitor.check_throughput(done, step_tps) + monitor.check_data_wait(done, data_wait):
+            a.action = policies[a.kind]
+            alert_log.emit(a)
+            if a.action == "stop":
+                raise TrainingStopped(f"stopped at step {done} by alert {a.kind} (see alerts.jsonl)")
+        window_tokens += n_global
+        step = done
         progress.update(1)
         if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            loss = accelerator.reduce(loss_sum, "mean").item()
             z = accelerator.reduce(z_sum, "mean").item()
             per_source = accelerator.reduce(per_source, "sum")
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed
-            last = {"loss": loss - z, "z_loss": z, "grad_norm": float(grad_norm), "lr": lr,
-                    "tokens_per_s": tps, "mfu": tps / world * fpt / peak,
-                    "tokens": done * tokens_per_step,
+            last = {"loss": step_loss - z, "z_loss": z, "grad_norm": grad_norm, "lr": lr,
+                    "param_norm": parallel.parameter_norm(), "skipped": action == "skip",
+                    "tokens_per_s": tps, "mfu": tps / world * fpt / peak, "tokens": done * tokens_per_step,
                     **{f"weight/{n}": float(w) for n, w in zip(names, stream.weights())}}
             last.update({f"loss/{n}": (per_source[0, j] / per_source[1, j]).item()
                          for j, n in enumerate(names) if per_source[1, j] > 0})
             metrics_log.log(done, last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             accelerator.print(f"step {done}/{cfg.max_steps} loss {last['loss']:.4f} z {z:.2e} "
-                              f"|g| {last['grad_norm']:.3f} lr {lr:.2e} {tps:,.0f} tok/s mfu {last['mfu']:.1%}")
+                              f"|g| {grad_norm:.3f} lr {last['lr']:.2e} {tps:,.0f} tok/s mfu {last['mfu']:.1%}")
             window_start, window_tokens = time.perf_counter(), 0
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
             val = evaluate()
             metrics_log.log(done, {f"val_loss/{n}": v for n, v in val.items()})
             accelerator.print("  validation: " + ", ".join(f"{n} {v:.4f}" for n, v in val.items()))
             if cfg.adaptive_mixture and previous_val is not None:
-                names_order = [s.name for s in sources]
                 stream.adaptive_factors = adapt_factors(stream.adaptive_factors,
-                                                        np.array([previous_val[n] for n in names_order]),
-                                                        np.array([val[n] for n in names_order]), cfg.adaptive_rate)
+                                                        np.array([previous_val[n] for n in names]),
+                                                        np.array([val[n] for n in names]), cfg.adaptive_rate)
             previous_val = val
             last.update({f"val_loss/{n}": v for n, v in val.items()})
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
             save(done)
-        if os.environ.get("SMOLFORGE_FAULT") == f"kill_after_step:{done}":  # tests: kill -9 between steps
+        if fault("kill_after_step") == str(done):  # tests: kill -9 between steps
             os.kill(os.getpid(), signal.SIGKILL)
 
     progress.close()

@@ -207,3 +207,14 @@ def test_resolved_recipe_redacts_tokens():
 
     assert resolved_recipe(HubArgs("hf_secret")) == {"hub_token": "<redacted>"}
     assert resolved_recipe(HubArgs()) == {"hub_token": None}
+
+
+def test_mapping_field_from_the_command_line(tmp_path):
+    from pretrain.config import PretrainConfig
+
+    (cfg,) = parse_recipe(PretrainConfig, args=["--model_overrides", "{qk_norm: true, hidden_size: 64}",
+                                                "--alert_policies", '{"nan": "stop"}'])
+    assert cfg.model_overrides == {"qk_norm": True, "hidden_size": 64}
+    assert cfg.alert_policies == {"nan": "stop"}
+    with pytest.raises(RecipeError, match="model_overrides"):
+        parse_recipe(PretrainConfig, args=["--model_overrides", "[1, 2]"])

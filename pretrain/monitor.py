@@ -1,0 +1,154 @@
+"""Training alerts: loss spikes, NaN/Inf, gradient explosions, throughput drops, stalled data.
+
+"Monitor everything, expect failures" (Smol Training Playbook, the training marathon). Each
+detector returns Alerts; the loop applies the configured policy of each kind:
+
+    warn      log it and go on
+    skip      drop this step's update: optimizer and scheduler untouched, rows recorded as skipped
+    rollback  reload the last checkpoint and replay without this step's rows (deterministic)
+    stop      end the run with an error, the bad update not applied
+
+Every alert goes to the console, to `alerts.jsonl` in the run directory and to wandb when on.
+
+Detectors (defaults in PretrainConfig):
+- nan: loss or gradient norm not finite; checked before the optimizer step, agreed across ranks
+  (a max-reduce of the flag), so every rank takes the same action and none waits on another.
+- loss_spike: loss > median + k * scale of the last `spike_window` applied steps, where scale is
+  the robust standard deviation 1.4826 * MAD, floored at 2% of the median (a robust z-score:
+  unlike an EMA variance it is not inflated by the loss's own downward trend, which hid a 5x
+  spike in our first version). The spiking step does not enter the window.
+- grad_explosion: gradient norm > factor x its EMA.
+- throughput_drop: tokens/s below a fraction of the running median for N steps in a row.
+- data_stall: waiting longer than a limit for the next batch.
+"""
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+POLICIES = ("warn", "skip", "rollback", "stop")
+KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall")
+DEFAULT_POLICIES = {"nan": "skip", "loss_spike": "warn", "grad_explosion": "warn", "throughput_drop": "warn",
+                    "data_stall": "warn"}
+# What an alert can do depends on when it is seen: step alerts come before the optimizer step,
+# throughput and data alerts only after it, when there is nothing left to skip.
+STEP_KINDS = ("nan", "loss_spike", "grad_explosion")
+
+
+@dataclass
+class Alert:
+    step: int
+    kind: str
+    message: str
+    value: float
+    threshold: float
+    action: str = "warn"
+
+
+def resolve_policies(overrides: dict) -> dict[str, str]:
+    unknown = set(overrides) - set(KINDS)
+    if unknown:
+        raise ValueError(f"alert_policies has unknown alerts {sorted(unknown)}; alerts: {list(KINDS)}")
+    policies = {**DEFAULT_POLICIES, **overrides}
+    for kind, policy in policies.items():
+        allowed = POLICIES if kind in STEP_KINDS else ("warn", "stop")
+        if policy not in allowed:
+            raise ValueError(f"alert_policies.{kind}={policy!r}; allowed for {kind}: {allowed}")
+    return policies
+
+
+class Monitor:
+    def __init__(self, *, spike_sigma: float, spike_warmup: int, ema_beta: float, grad_factor: float,
+                 throughput_fraction: float, throughput_windows: int, data_stall_seconds: float,
+                 spike_window: int = 50):
+        self.spike_sigma, self.spike_warmup, self.beta = spike_sigma, spike_warmup, ema_beta
+        self.spike_window = spike_window
+        self.recent_losses: list[float] = []
+        self.grad_factor = grad_factor
+        self.tp_fraction, self.tp_windows = throughput_fraction, throughput_windows
+        self.data_stall_seconds = data_stall_seconds
+        self.grad_mean = None
+        self.seen = 0
+        self.throughputs: list[float] = []
+        self.slow_windows = 0
+
+    def check_step(self, step: int, loss: float, grad_norm: float) -> list[Alert]:
+        """Alerts about a step's loss and gradient, before its update is applied."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return [Alert(step, "nan", f"loss {loss} / grad norm {grad_norm} is not finite", float("nan"), 0.0)]
+        alerts = []
+        if self.seen >= self.spike_warmup:
+            median = statistics.median(self.recent_losses)
+            mad = statistics.median(abs(x - median) for x in self.recent_losses)
+            limit = median + self.spike_sigma * max(1.4826 * mad, 0.02 * abs(median))
+            if loss > limit:
+                alerts.append(Alert(step, "loss_spike", f"loss {loss:.4f} above the recent median {median:.4f} + "
+                                    f"{self.spike_sigma} robust sigma = {limit:.4f}", loss, limit))
+            if self.grad_mean and grad_norm > self.grad_factor * self.grad_mean:
+                alerts.append(Alert(step, "grad_explosion", f"grad norm {grad_norm:.3f} above {self.grad_factor} x "
+                                    f"its EMA {self.grad_mean:.3f}", grad_norm, self.grad_factor * self.grad_mean))
+        return alerts
+
+    def accept_step(self, loss: float, grad_norm: float) -> None:
+        """Fold an applied step into the running statistics (skipped or spiking steps are not)."""
+        self.recent_losses = (self.recent_losses + [loss])[-self.spike_window:]
+        self.grad_mean = grad_norm if self.grad_mean is None else self.beta * self.grad_mean + (1 - self.beta) * grad_norm
+        self.seen += 1
+
+    def check_throughput(self, step: int, tokens_per_s: float) -> list[Alert]:
+        alerts = []
+        if len(self.throughputs) >= self.tp_windows:
+            median = statistics.median(self.throughputs[-50:])
+            if tokens_per_s < self.tp_fraction * median:
+                self.slow_windows += 1
+                if self.slow_windows >= self.tp_windows:
+                    alerts.append(Alert(step, "throughput_drop", f"{tokens_per_s:,.0f} tok/s for {self.slow_windows} "
+                                        f"steps, below {self.tp_fraction:.0%} of the median {median:,.0f}",
+                                        tokens_per_s, self.tp_fraction * median))
+                return alerts  # slow steps do not drag the median down
+            self.slow_windows = 0
+        self.throughputs.append(tokens_per_s)
+        return alerts
+
+    def check_data_wait(self, step: int, seconds: float) -> list[Alert]:
+        if seconds > self.data_stall_seconds:
+            return [Alert(step, "data_stall", f"waited {seconds:.2f}s for the next batch", seconds,
+                          self.data_stall_seconds)]
+        return []
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class AlertLog:
+    """alerts.jsonl (main process) + console + wandb."""
+
+    def __init__(self, path: Path, enabled: bool, printer, wandb_run=None):
+        self.path, self.enabled, self.print, self.wandb = path, enabled, printer, wandb_run
+
+    def emit(self, alert: Alert, **extra) -> None:
+        self.print(f"ALERT [{alert.kind}] step {alert.step}: {alert.message} -> {alert.action}")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**asdict(alert), **extra}) + "\n")
+        if self.wandb is not None:
+            self.wandb.alert(title=f"smolforge {alert.kind}", text=f"step {alert.step}: {alert.message}")
+
+
+def fault(name: str) -> str | None:
+    """Test hook: the argument of fault `name` in SMOLFORGE_FAULT ("kind:arg,kind:arg"), or None.
+
+    Faults are how the tests break a real run on purpose (kill -9, NaN, a poisoned batch, slow
+    data); nothing reads this variable unless it is set."""
+    for item in os.environ.get("SMOLFORGE_FAULT", "").split(","):
+        kind, _, arg = item.partition(":")
+        if kind == name:
+            return arg
+    return None

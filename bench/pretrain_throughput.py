@@ -21,7 +21,8 @@ DEFAULT_SHAPES = {"tiny": (32, 128), "135M": (2, 512), "360M": (8, 2048), "1B": 
 
 def measure(preset: str, batch: int, seq: int, steps: int, bf16: bool, device: str, peak: float) -> dict:
     torch.manual_seed(0)
-    config = SmolForgeConfig.from_preset(preset, attn_implementation="sdpa")
+    config = SmolForgeConfig.from_preset(preset)
+    config._attn_implementation = "sdpa"
     model = SmolForgeForCausalLM(config).to(device).train()
     opt = torch.optim.AdamW(parameter_groups(model, 0.1, ["embeddings", "norms", "biases"]), lr=1e-4)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)

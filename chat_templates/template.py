@@ -160,18 +160,9 @@ def render_spans(
     **template_kwargs,
 ) -> tuple[str, list[tuple[int, int]]]:
     """The training variant's render and its trained spans as (start, end) character offsets."""
-    template = resolve(template)
-    if not messages:
-        raise ValueError("cannot render an empty conversation: give at least one message")
-    texts, spans = render_jinja_template(
-        [messages],
-        tools=tools,
-        chat_template=template.training,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt,
-        **_template_kwargs(template, enable_thinking, template_kwargs),
-    )
-    return texts[0], [tuple(span) for span in spans[0]]
+    text, spans = _render(messages, template, "training", add_generation_prompt, enable_thinking, tools,
+                          template_kwargs)
+    return text, [tuple(span) for span in spans]
 
 
 def render(
@@ -184,17 +175,23 @@ def render(
 ) -> str:
     """The inference variant's render of `messages` (extra keyword arguments reach the template:
     `date_string`, `bos_token`, ...)."""
+    return _render(messages, template, "inference", add_generation_prompt, enable_thinking, tools, template_kwargs)[0]
+
+
+def _render(messages, template, variant: str, add_generation_prompt, enable_thinking, tools, template_kwargs):
+    """(text, trained spans) of one variant; spans are only computed for the training variant."""
     template = resolve(template)
     if not messages:
         raise ValueError("cannot render an empty conversation: give at least one message")
-    texts, _ = render_jinja_template(
+    texts, spans = render_jinja_template(
         [messages],
         tools=tools,
-        chat_template=template.inference,
+        chat_template=getattr(template, variant),
+        return_assistant_tokens_mask=variant == "training",
         add_generation_prompt=add_generation_prompt,
         **_template_kwargs(template, enable_thinking, template_kwargs),
     )
-    return texts[0]
+    return texts[0], spans[0] if spans else []
 
 
 def encode(

@@ -2,7 +2,7 @@
 reasoning mix, LoRA, resume, generation check), each with its meaning.
 
 Defaults differ from TRL's where the issue asks for it: assistant-only loss on, packing on with
-TRL's `bfd` strategy (padding-free rows with per-document position ids), `report_to: none`, and
+TRL's `bfd` strategy (padding-free rows with per-document position ids), and
 `truncation: false` (TRL always truncates to `max_length`; here an over-long row is an error unless
 truncation is asked for).
 """
@@ -67,8 +67,6 @@ class SFTConfig(trl.SFTConfig):
                               "on a CPU machine).", default=None)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
-    report_to: list[str] | str = _help("Loggers (none, tensorboard, wandb, ...); metrics.jsonl is always written.",
-                                       default="none")
 
     def __post_init__(self):
         if self.bf16 is None:

@@ -43,7 +43,7 @@ from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_checkpoint
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
-from .data import SFTDataError, arithmetic_conversations, load_source, SourceSpec, load_sources, validate_rows
+from .data import SourceSpec, load_source, load_sources, validate_rows
 from .generation import format_rates, generation_check
 
 
@@ -105,20 +105,24 @@ def load_tokenizer(cfg: SFTConfig):
     return tokenizer, added
 
 
-def load_model(cfg: SFTConfig, tokenizer, end_of_turn: str):
+def load_model(cfg: SFTConfig, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, attn_implementation=cfg.attn_implementation,
                                                  dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # New control tokens: their embeddings start at the mean of the others (transformers' default
         # mean_resizing), so the first steps do not see outlier vectors.
         model.resize_token_embeddings(len(tokenizer))
-    # Generation must stop at the end of a turn; keep the base model's eos as a stop token too.
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-    model.generation_config.eos_token_id = [eot_id, *[e for e in eos if e != eot_id]]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def set_stop_tokens(model, tokenizer, end_of_turn: str) -> None:
+    """Generation stops at the end of a turn (first), or at the tokenizer's eos.
+
+    Done on the final model: Trainer rewrites `generation_config.eos_token_id` to the tokenizer's eos
+    when training starts (transformers' `align_special_tokens`)."""
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    model.generation_config.eos_token_id = [eot_id, *[e for e in (tokenizer.eos_token_id,) if e not in (None, eot_id)]]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def peft_config(cfg: SFTConfig):
@@ -132,10 +136,18 @@ def peft_config(cfg: SFTConfig):
 
 
 def generation_rows(spec: dict) -> tuple[list[dict], int]:
+    """The one-turn conversations of the `generation_eval` source, one per distinct question (each
+    is asked in both modes; earlier turns are left out because they fix the mode of the whole chat)."""
     spec = dict(spec)
     max_new_tokens = spec.pop("max_new_tokens", 48)
-    rows = load_source(SourceSpec.from_dict(spec, 0))
-    return [r for r in rows if "messages" in r and r["messages"][-1]["role"] == "assistant"], max_new_tokens
+    rows = {}
+    for row in load_source(SourceSpec.from_dict(spec, 0)):
+        messages = row.get("messages") or []
+        if [m["role"] for m in messages] == ["user", "assistant"]:
+            rows.setdefault(messages[0]["content"], row)
+    if not rows:
+        raise ValueError(f"generation_eval {spec}: no one-turn (user, assistant) conversation to ask")
+    return list(rows.values()), max_new_tokens
 
 
 def check_output_dir(cfg: SFTConfig) -> str | None:
@@ -156,7 +168,7 @@ def run(cfg: SFTConfig) -> dict:
     resume_from = check_output_dir(cfg)
     template = chat_templates.load(cfg.chat_template)
     tokenizer, added = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer, template.end_of_turn)
+    model = load_model(cfg, tokenizer)
 
     rows, origins = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
     lengths = validate_rows(rows, origins, tokenizer, cfg.max_length, cfg.truncation, cfg.assistant_only_loss)
@@ -193,6 +205,7 @@ def run(cfg: SFTConfig) -> dict:
     state_dict = accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
     if cfg.use_peft:
         final = final.merge_and_unload()  # the next stage loads a plain checkpoint
+    set_stop_tokens(final, tokenizer, template.end_of_turn)
     if accelerator.is_main_process:
         if cfg.generation_eval and not trainer.is_fsdp_enabled:
             rates_after = generation_check(final, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)

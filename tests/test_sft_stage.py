@@ -1,0 +1,171 @@
+"""The SFT stage end to end (`python -m sft`): it teaches the tiny base model to stop and to follow
+the requested reasoning mode, resumes exactly after kill -9, runs on 2 processes, and rejects bad
+data before training, naming the row."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import chat_templates
+from core import SmolForgeConfig, SmolForgeForCausalLM
+from core.arithmetic import expression, split_facts
+from core.recipe import parse_recipe
+from sft.config import SFTConfig
+from sft.data import SFTDataError, arithmetic_conversations, load_sources
+from sft.train import main as sft_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def random_base(tmp_path_factory, tokenizer_dir) -> Path:
+    """A randomly initialised tiny core model with the pretraining tokenizer: enough for the
+    mechanics (resume, processes, data checks)."""
+    path = tmp_path_factory.mktemp("random-base")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def recipe(tmp_path: Path, base: Path, **overrides) -> Path:
+    cfg = {"model_name_or_path": str(base), "chat_template": "smollm3", "max_length": 512,
+           "sources": [{"path": "builtin:arithmetic_chat", "max_examples": 48}], "think_ratio": 0.5,
+           "max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+           "save_strategy": "steps", "save_steps": 3, "seed": 0}
+    cfg.update(overrides)
+    path = tmp_path / f"sft-{len(list(tmp_path.glob('sft-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1, fault: str = ""):
+    if processes == 1:
+        cmd = [sys.executable, "-m", "sft"]
+    else:
+        # --multi_gpu on a CPU machine: torch.distributed over gloo with a real world size
+        # (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sft"]
+    env = {**os.environ, "SMOLFORGE_FAULT": fault, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_tiny_recipe_parses():
+    (cfg,) = parse_recipe(SFTConfig, args=["--config", str(REPO / "recipes/tiny/sft.yaml")])
+    assert cfg.packing and cfg.assistant_only_loss and cfg.chat_template == "smollm3" and not cfg.truncation
+
+
+def test_builtin_chats_hold_out_the_test_facts_and_mix_modes():
+    train, test = split_facts()
+    held_out = {f"What is {expression(f)}?" for f in test}
+    questions = {m["content"] for r in arithmetic_conversations("train") for m in r["messages"] if m["role"] == "user"}
+    assert questions and not questions & held_out
+    test_questions = {r["messages"][0]["content"] for r in arithmetic_conversations("test")}
+    assert test_questions == held_out
+    for ratio in (0.25, 0.5, 1.0):
+        rows, origins = load_sources([{"path": "builtin:arithmetic_chat"}], ratio, seed=0)
+        think = sum(r["chat_template_kwargs"]["enable_thinking"] for r in rows)
+        assert think / len(rows) == pytest.approx(ratio, abs=0.01) and len(origins) == len(rows)
+        assert all(("<think>" in r["messages"][-1]["content"]) == r["chat_template_kwargs"]["enable_thinking"]
+                   for r in rows)
+
+
+# A template that forbids non-alternating roles, as Llama 2 / Mistral templates do.
+ALTERNATING_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message.role == 'user' %}{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message.content + '<|im_end|>' }}"
+    "{% endgeneration %}{{- '\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+GOOD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+BAD_DATA = {
+    "no_assistant_turn": ({"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is 2+2?"}]},
+                          "chatml", r"row 2: field 'messages' has no assistant turn"),
+    "non_alternating_roles": ({"messages": [{"role": "user", "content": "What is 2+2?"},
+                                            {"role": "user", "content": "And 3+3?"},
+                                            {"role": "assistant", "content": "6"}]},
+                              "alternating", r"row 2: the chat template refuses .*must alternate"),
+    "missing_messages_column": ({"text": "What is 2+2? 4"}, "chatml", r"row 2 has no 'messages' field"),
+    "longer_than_max_length": ({"messages": [{"role": "user", "content": "What is 2+2? " * 40},
+                                             {"role": "assistant", "content": "4"}]},
+                               "chatml", r"row 2: \d+ tokens, longer than max_length 64, and truncation is off"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_fails_before_training_naming_the_row(tmp_path, random_base, case):
+    bad, template, message = BAD_DATA[case]
+    data = tmp_path / "chats.jsonl"
+    # The bad row is row 2; other rows are fine (a missing column is a row without the field).
+    data.write_text("".join(json.dumps(row) + "\n" for row in (GOOD, GOOD, bad, GOOD)))
+    if template == "alternating":
+        template = tmp_path / "alternating.jinja"
+        template.write_text(ALTERNATING_TEMPLATE)
+    r = recipe(tmp_path, random_base, sources=[{"path": str(data)}], chat_template=str(template), think_ratio=None,
+               max_length=64)
+    out = tmp_path / "run"
+    with pytest.raises(SFTDataError, match=f"source {data} {message}"):
+        sft_main(["--config", str(r), "--output_dir", str(out)])
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, random_base):
+    tmp = tmp_path_factory.mktemp("sft-straight")
+    r = recipe(tmp, random_base)
+    ok(launch(r, tmp / "run"))
+    return r, tmp / "run"
+
+
+def test_resume_after_kill_gives_the_same_losses(tmp_path, straight_run):
+    r, full = straight_run
+    out = tmp_path / "run"
+    killed = launch(r, out, fault="kill_after_step:3")
+    assert killed.returncode != 0 and (out / "checkpoint-3").is_dir() and not (out / "stage.json").exists()
+    refused = launch(r, out)
+    assert refused.returncode != 0 and "pass --resume true" in refused.stderr
+    ok(launch(r, out, "--resume", "true"))
+    assert sorted(losses(out)) == list(range(1, 7))
+    assert losses(out) == losses(full)  # bit-identical, step by step
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifest = json.loads((out / "stage.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["parent"] == str(r.parent.parent / "random-base0") or manifest["parent"]
+
+
+def test_two_processes_have_world_size_two_and_match_one_process(tmp_path, straight_run):
+    r, single = straight_run
+    out = tmp_path / "run"
+    result = ok(launch(r, out, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                       processes=2))
+    assert "sft: 2 process(es) (world size 2, DistributedType.MULTI_GPU)" in result.stdout
+    # 2 processes x 1 row x 2 accumulation = the same 4 rows per step as... compared loosely:
+    # the global batch is the same size, the row order across ranks differs.
+    assert (out / "stage.json").exists() and sorted(losses(out)) == list(range(1, 7))

@@ -69,6 +69,11 @@ class SFTConfig(trl.SFTConfig):
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
+        if not torch.accelerator.is_available():
+            # Without it, TrainingArguments under `accelerate launch --multi_gpu` on a CPU machine sets
+            # up world size 1 in every process (parallel_mode NOT_PARALLEL); with it, gloo DDP of the
+            # real world size (checked with 2 processes).
+            self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         super().__post_init__()

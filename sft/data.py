@@ -139,18 +139,21 @@ def load_source(spec: SourceSpec) -> list[dict]:
 
 
 def row_format(row: dict, where: str) -> str:
-    """'messages' or 'prompt_completion'; an error naming the row when neither column is there."""
-    if "messages" in row:
+    """'messages' or 'prompt_completion'; an error naming the row when neither is there.
+
+    A field holding None counts as missing: `datasets` fills a column some rows lack with None."""
+    if row.get("messages") is not None:
         return "messages"
-    if "prompt" in row and "completion" in row:
+    if row.get("prompt") is not None and row.get("completion") is not None:
         return "prompt_completion"
-    raise SFTDataError(f"{where} has no 'messages' field (fields: {sorted(row)}); SFT rows need 'messages' "
+    fields = sorted(key for key, value in row.items() if value is not None)
+    raise SFTDataError(f"{where} has no 'messages' field (fields: {fields}); SFT rows need 'messages' "
                        f"(a list of {{role, content}}) or 'prompt' + 'completion'")
 
 
 def conversation(row: dict) -> list[dict] | None:
     """The row as one message list, or None for plain-text prompt/completion rows."""
-    if "messages" in row:
+    if row_format(row, "row") == "messages":
         return row["messages"]
     if isinstance(row["prompt"], list):
         return list(row["prompt"]) + list(row["completion"])
@@ -254,6 +257,7 @@ def validate_rows(rows: list[dict], origins: list[str], tokenizer, max_length: i
 
     lengths = []
     for row, where in zip(rows, origins):
+        kind = row_format(row, where)
         messages = conversation(row)
         if messages is None:  # plain-text prompt + completion
             for field in ("prompt", "completion"):
@@ -262,10 +266,11 @@ def validate_rows(rows: list[dict], origins: list[str], tokenizer, max_length: i
             ids = tokenizer(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
             mask = [1]  # TRL's completion mask: never empty for a non-empty completion
         else:
-            for field in ("messages",) if "messages" in row else ("prompt", "completion"):
+            fields = ("messages",) if kind == "messages" else ("prompt", "completion")
+            for field in fields:
                 check_messages(row[field], where, field)
-            if not any(m["role"] == "assistant" for m in (row.get("completion") or messages)):
-                field = "messages" if "messages" in row else "completion"
+            if not any(m["role"] == "assistant" for m in row[fields[-1]]):
+                field = fields[-1]
                 raise SFTDataError(f"{where}: field {field!r} has no assistant turn (roles: "
                                    f"{[m['role'] for m in messages]}); SFT learns from assistant turns")
             try:

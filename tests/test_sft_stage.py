@@ -71,6 +71,41 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def pretrained_base(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny base model: a short pretraining run on the built-in arithmetic and math text."""
+    from pretrain.train import main as pretrain_main
+
+    tmp = tmp_path_factory.mktemp("pretrained-base")
+    r = tmp / "pretrain.yaml"
+    r.write_text(yaml.safe_dump({
+        "tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "seq_len": 64,
+        "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "weight": 0.7, "max_documents": 3000},
+                    {"name": "math", "path": "builtin:math", "weight": 0.3, "max_documents": 1000}],
+        "max_steps": 80, "per_device_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "decay_steps": 20,
+        "save_steps": 80, "eval_steps": 80, "logging_steps": 20, "data_cache_dir": str(tmp / "cache")}))
+    pretrain_main(["--config", str(r), "--output_dir", str(tmp / "base")])
+    return tmp / "base"
+
+
+def test_sft_teaches_the_base_model_to_stop_and_follow_the_reasoning_mode(tmp_path, pretrained_base, capsys):
+    r = recipe(tmp_path, pretrained_base, sources=[{"path": "builtin:arithmetic_chat", "split": "train"}],
+               # Rows of 130-270 tokens: max_length 320 packs about one per row, which keeps the padding-free
+               # attention (one flattened row per batch on CPU sdpa) small.
+               max_steps=150, per_device_train_batch_size=4, max_length=320, learning_rate=3e-3, warmup_steps=3,
+               save_strategy="no", logging_steps=10,
+               generation_eval={"path": "builtin:arithmetic_chat", "split": "test", "max_new_tokens": 40})
+    metrics = sft_main(["--config", str(r), "--output_dir", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + next(line for line in printed.splitlines() if line.startswith("held-out generations")))
+    assert metrics["generation_before/end_of_turn_rate"] < 0.5  # the base model never saw <|im_end|> end a turn
+    assert metrics["generation/end_of_turn_rate"] >= 0.95
+    assert metrics["generation/mode_rate"] >= 0.95
+    saved = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert saved.chat_template == chat_templates.load("smollm3").training
+
+
 def test_tiny_recipe_parses():
     (cfg,) = parse_recipe(SFTConfig, args=["--config", str(REPO / "recipes/tiny/sft.yaml")])
     assert cfg.packing and cfg.assistant_only_loss and cfg.chat_template == "smollm3" and not cfg.truncation

@@ -29,7 +29,7 @@ from .sources import SourceSpec, iter_documents
 SECRET_MARKERS = ("token", "key", "secret", "password")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(ValueError):
     """At least one preflight check failed; the message lists every failure and what to do."""
 
 

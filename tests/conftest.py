@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models built here (nothing is downloaded), one vLLM engine per session."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +13,38 @@ import core  # noqa: F401  (registers the Auto classes)
 from core import SmolForgeConfig, SmolForgeForCausalLM
 
 VOCAB = 256
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1,
+                 fsdp: bool = False, fault: str | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <module>` as a user would: one process, or 2 under accelerate (DDP, or FSDP2)."""
+    if processes == 1:
+        cmd = [sys.executable, "-m", module]
+    elif fsdp:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes/accelerate_configs/fsdp2.yaml"), "--num_processes", str(processes), "-m", module]
+    else:
+        # --multi_gpu on a CPU machine: torch.distributed over gloo with a real world size
+        # (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+    env = {**os.environ, "SMOLFORGE_FAULT": fault or ""}
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = "1"  # 2 processes x 1 thread on 2 cores, not 2 x 2 fighting
+    return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl (the last entry wins: a rollback replays steps)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def tiny_config(**overrides) -> SmolForgeConfig:

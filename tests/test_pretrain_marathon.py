@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pretrain.preflight import PreflightError
 from pretrain.train import main as pretrain_main
-from test_pretrain_train import launch, losses, ok, recipe, sequence_ids
+from test_pretrain_train import launch, losses, ok, recipe
 
 ARITHMETIC = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_documents": 3000}]
 

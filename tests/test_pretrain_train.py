@@ -2,9 +2,7 @@
 tolerance (2 processes, DDP and FSDP2 over gloo), reading the same rows with no repeats or gaps."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import launch_stage, logged_losses, ok
 from pretrain.train import main as pretrain_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe(tmp_path: Path, tokenizer_dir: Path, **overrides) -> Path:
@@ -24,39 +21,19 @@ def recipe(tmp_path: Path, tokenizer_dir: Path, **overrides) -> Path:
                     {"name": "prose", "path": "builtin:prose", "weight": 0.3}],
         "max_steps": 6, "per_device_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 2, "decay_steps": 2,
         "save_steps": 3, "eval_steps": 100, "logging_steps": 1, "log_sequence_ids": True,
-        "data_cache_dir": str(tmp_path.parent / "data_cache"), "z_loss_coefficient_unused": None,
+        "data_cache_dir": str(tmp_path.parent / "data_cache"),
     }
-    cfg.pop("z_loss_coefficient_unused")
     cfg.update(overrides)
     path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def launch(recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1, fsdp: bool = False,
-           fault: str | None = None) -> subprocess.CompletedProcess:
-    if processes == 1:
-        cmd = [sys.executable, "-m", "pretrain"]
-    elif fsdp:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "recipes/accelerate_configs/fsdp2.yaml"), "--num_processes", str(processes), "-m", "pretrain"]
-    else:
-        # --multi_gpu on a CPU machine: torch.distributed over gloo (shared/FACTS.md).
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pretrain"]
-    env = {**os.environ, "SMOLFORGE_FAULT": fault or ""}
-    return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+def launch(recipe_path: Path, output_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return launch_stage("pretrain", recipe_path, output_dir, *extra, **kw)
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+losses = logged_losses
 
 
 def sequence_ids(run_dir: Path) -> dict[int, list]:

@@ -3,9 +3,7 @@ the requested reasoning mode, resumes exactly after kill -9, runs on 2 processes
 data before training, naming the row."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,8 @@ from sft.config import SFTConfig
 from sft.data import SFTDataError, arithmetic_conversations, load_sources
 from sft.train import main as sft_main
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, launch_stage, logged_losses, ok
+
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +47,11 @@ def recipe(tmp_path: Path, base: Path, **overrides) -> Path:
     return path
 
 
-def launch(recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1, fault: str = ""):
-    if processes == 1:
-        cmd = [sys.executable, "-m", "sft"]
-    else:
-        # --multi_gpu on a CPU machine: torch.distributed over gloo with a real world size
-        # (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sft"]
-    env = {**os.environ, "SMOLFORGE_FAULT": fault, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+def launch(recipe_path: Path, output_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return launch_stage("sft", recipe_path, output_dir, *extra, **kw)
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+losses = logged_losses
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ demo: $(STAMP)
 	test -f $(DEMO)/pretrain/stage.json || $(PY) -m pretrain --config recipes/tiny/pretrain.yaml --resume true
 	test -f $(DEMO)/midtrain/stage.json || $(PY) -m pretrain --config recipes/tiny/midtrain.yaml --resume true
 	test -f $(DEMO)/sft/stage.json || $(PY) -m sft --config recipes/tiny/sft.yaml --model_name_or_path $(DEMO)/midtrain \
-		--output_dir $(DEMO)/sft
+		--output_dir $(DEMO)/sft --resume true
 	$(PY) -m rewards.evaluate --model $(DEMO)/midtrain $(DEMO)/sft --suite arithmetic --temperature 0 \
 		--num_samples 1 --max_new_tokens 64 --output_dir $(DEMO)/eval
 

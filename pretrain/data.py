@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from .monitor import fault
+from core.faults import fault
 from .sources import DataSourceError, SourceSpec, generator_fingerprint, iter_documents
 
 

@@ -24,7 +24,6 @@ Detectors (defaults in PretrainConfig):
 
 import json
 import math
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,15 +139,3 @@ class AlertLog:
             f.write(json.dumps({**asdict(alert), **extra}) + "\n")
         if self.wandb is not None:
             self.wandb.alert(title=f"smolforge {alert.kind}", text=f"step {alert.step}: {alert.message}")
-
-
-def fault(name: str) -> str | None:
-    """Test hook: the argument of fault `name` in SMOLFORGE_FAULT ("kind:arg,kind:arg"), or None.
-
-    Faults are how the tests break a real run on purpose (kill -9, NaN, a poisoned batch, slow
-    data); nothing reads this variable unless it is set."""
-    for item in os.environ.get("SMOLFORGE_FAULT", "").split(","):
-        kind, _, arg = item.partition(":")
-        if kind == name:
-            return arg
-    return None

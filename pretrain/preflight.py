@@ -20,10 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.checkpoint import save_checkpoint
+from core.faults import fault
 from core.recipe import resolved_recipe
 from .config import PretrainConfig
 from .data import PackedSource, make_batch, pack_source
-from .monitor import fault
 from .sources import SourceSpec, iter_documents
 
 SECRET_MARKERS = ("token", "key", "secret", "password")

@@ -35,13 +35,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_co
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import data_fingerprint, save_checkpoint
+from core.faults import fault
 from core.kernels import RMSNorm
 from core.recipe import parse_recipe, resolved_recipe
 from .config import PretrainConfig
-from .monitor import AlertLog, Monitor, fault, resolve_policies
+from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
+from .monitor import AlertLog, Monitor, resolve_policies
 from .parallel import DataParallel
 from .preflight import PreflightError, report, run_preflight
-from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
 from .sources import DataSourceError, SourceSpec
 
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import chat_templates
+from core.faults import fault
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_checkpoint
 from core.recipe import parse_recipe, resolved_recipe
@@ -178,10 +179,9 @@ def run(cfg: SFTConfig) -> dict:
     # (keep_start), and with packing bfd truncates each row to max_length.
     train_dataset = Dataset.from_list(rows)
 
-    fault = os.environ.get("SMOLFORGE_FAULT", "")
     callbacks = [MetricsLog(Path(cfg.output_dir) / "metrics.jsonl")]
-    if fault.startswith("kill_after_step:"):
-        callbacks.append(KillAfterCheckpoint(int(fault.split(":")[1])))
+    if fault("kill_after_step") is not None:
+        callbacks.append(KillAfterCheckpoint(int(fault("kill_after_step"))))
 
     rates_before = None
     if cfg.generation_eval:

@@ -36,6 +36,15 @@ def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, 
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
 
 
+def write_recipe(tmp_path: Path, cfg: dict) -> Path:
+    """A numbered recipe YAML in tmp_path (a test may write several into one directory)."""
+    import yaml
+
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import launch_stage, logged_losses, ok
+from conftest import launch_stage, logged_losses, ok, write_recipe
 from pretrain.train import main as pretrain_main
 
 
@@ -23,10 +22,7 @@ def recipe(tmp_path: Path, tokenizer_dir: Path, **overrides) -> Path:
         "save_steps": 3, "eval_steps": 100, "logging_steps": 1, "log_sequence_ids": True,
         "data_cache_dir": str(tmp_path.parent / "data_cache"),
     }
-    cfg.update(overrides)
-    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_recipe(tmp_path, {**cfg, **overrides})
 
 
 def launch(recipe_path: Path, output_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:

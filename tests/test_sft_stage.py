@@ -20,7 +20,7 @@ from sft.config import SFTConfig
 from sft.data import SFTDataError, arithmetic_conversations, load_sources
 from sft.train import main as sft_main
 
-from conftest import REPO, launch_stage, logged_losses, ok
+from conftest import REPO, launch_stage, logged_losses, ok, write_recipe
 
 
 
@@ -41,10 +41,7 @@ def recipe(tmp_path: Path, base: Path, **overrides) -> Path:
            "sources": [{"path": "builtin:arithmetic_chat", "max_examples": 48}], "think_ratio": 0.5,
            "max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
            "save_strategy": "steps", "save_steps": 3, "seed": 0}
-    cfg.update(overrides)
-    path = tmp_path / f"sft-{len(list(tmp_path.glob('sft-*')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_recipe(tmp_path, {**cfg, **overrides})
 
 
 def launch(recipe_path: Path, output_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:

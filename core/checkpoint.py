@@ -124,6 +124,23 @@ def save_checkpoint(
     return target
 
 
+def resume_point(output_dir: str | os.PathLike, newest_checkpoint: str | os.PathLike | None, resume: bool) -> Path | None:
+    """The stage contract for a run directory: the checkpoint to resume from, or None to start fresh.
+
+    A finished run (its stage.json) is never trained over; checkpoints left by an interrupted run
+    are continued only when asked (`--resume true`), never silently restarted or overwritten.
+    `newest_checkpoint` is the stage's own newest complete checkpoint (each stage names them its way).
+    """
+    out = Path(output_dir)
+    if (out / MANIFEST_NAME).exists():
+        raise FileExistsError(f"output_dir {out} already holds a finished model ({MANIFEST_NAME}); "
+                              "choose a new output_dir to train again")
+    if newest_checkpoint is not None and not resume:
+        raise FileExistsError(f"output_dir {out} has checkpoints ({Path(newest_checkpoint).name} newest); pass "
+                              "--resume true to continue that run, or choose a new output_dir")
+    return Path(newest_checkpoint) if resume and newest_checkpoint is not None else None
+
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """True if `path` holds a parseable stage.json and all its safetensors weights."""
     path = Path(path)

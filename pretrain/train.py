@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
-from core.checkpoint import data_fingerprint, save_checkpoint
+from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
 from core.faults import fault
 from core.kernels import RMSNorm
 from core.recipe import parse_recipe, resolved_recipe
@@ -56,19 +56,6 @@ STATE_FILE = "trainer_state.json"
 
 
 # --- setup: everything that can be wrong is checked here, before the first step ------------------
-
-def check_output_dir(cfg: PretrainConfig) -> Path | None:
-    """Return the checkpoint to resume from (or None); refuse to clobber a finished run."""
-    out = Path(cfg.output_dir)
-    if (out / "stage.json").exists():
-        raise FileExistsError(f"output_dir {out} already holds a finished model (stage.json); "
-                              "choose a new output_dir to train again")
-    checkpoints = complete_checkpoints(out)
-    if checkpoints and not cfg.resume:
-        raise FileExistsError(f"output_dir {out} has checkpoints ({checkpoints[-1].name} newest); pass --resume to "
-                              "continue that run, or choose a new output_dir")
-    return checkpoints[-1] if cfg.resume and checkpoints else None
-
 
 def complete_checkpoints(out: Path) -> list[Path]:
     """checkpoint-<step> directories, oldest first. Only complete ones carry that name (renamed last)."""
@@ -208,7 +195,8 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     out = Path(cfg.output_dir)
-    resume_from = check_output_dir(cfg)
+    checkpoints = complete_checkpoints(out)
+    resume_from = resume_point(out, checkpoints[-1] if checkpoints else None, cfg.resume)
     if cfg.preflight or not cfg.skip_preflight:
         failure = None
         if accelerator.is_main_process:

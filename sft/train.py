@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import chat_templates
 from core.faults import fault
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_checkpoint
+from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
@@ -151,22 +151,12 @@ def generation_rows(spec: dict) -> tuple[list[dict], int]:
     return list(rows.values()), max_new_tokens
 
 
-def check_output_dir(cfg: SFTConfig) -> str | None:
-    """The checkpoint to resume from (None: start fresh); refuse to overwrite a finished run."""
-    out = Path(cfg.output_dir)
-    if (out / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{out} already holds a finished model ({MANIFEST_NAME}); choose another output_dir")
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last is not None and not cfg.resume:
-        raise FileExistsError(f"{out} holds checkpoints ({Path(last).name}); pass --resume true to continue that "
-                              f"run, or choose another output_dir")
-    return last if cfg.resume else None
-
-
 def run(cfg: SFTConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to fine-tune (e.g. out/tiny/pretrain)")
-    resume_from = check_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = resume_point(out, get_last_checkpoint(str(out)) if out.is_dir() else None, cfg.resume)
+    resume_from = str(resume_from) if resume_from is not None else None
     template = chat_templates.load(cfg.chat_template)
     tokenizer, added = load_tokenizer(cfg)
     model = load_model(cfg, tokenizer)

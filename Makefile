@@ -33,12 +33,11 @@ test: $(STAMP)
 # an interrupted one resumes from its last checkpoint.
 demo: $(STAMP)
 	test -f $(DEMO)/tokenizer/tokenizer.json || $(PY) -m pretrain.tokenizer --config recipes/tiny/tokenizer.yaml
-	test -f $(DEMO)/pretrain/stage.json || $(PY) -m pretrain --config recipes/tiny/pretrain.yaml --resume true
-	test -f $(DEMO)/midtrain/stage.json || $(PY) -m pretrain --config recipes/tiny/midtrain.yaml --resume true
+	test -f $(DEMO)/pretrain/stage.json || $(PY) -m pretrain --config recipes/tiny/pretrain.yaml --resume_from_checkpoint true
+	test -f $(DEMO)/midtrain/stage.json || $(PY) -m pretrain --config recipes/tiny/midtrain.yaml --resume_from_checkpoint true
 	test -f $(DEMO)/sft/stage.json || $(PY) -m sft --config recipes/tiny/sft.yaml --model_name_or_path $(DEMO)/midtrain \
-		--output_dir $(DEMO)/sft --resume true
-	$(PY) -m rewards.evaluate --model $(DEMO)/midtrain $(DEMO)/sft --suite arithmetic --temperature 0 \
-		--num_samples 1 --max_new_tokens 64 --output_dir $(DEMO)/eval
+		--output_dir $(DEMO)/sft --resume_from_checkpoint true
+	$(PY) -m rewards.evaluate --config recipes/tiny/evaluate.yaml
 
 bench: $(STAMP)
 	$(PY) bench/core_throughput.py

@@ -19,11 +19,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from pretrain.data import MixtureSchedule, MixtureStream, PackedSource, pack_source
-from pretrain.sources import SourceSpec
+from core.sources import SourceSpec
 from pretrain.tokenizer import sample_sources, train_tokenizer
 
-SOURCES = [SourceSpec("arithmetic", "builtin:arithmetic", max_documents=20000), SourceSpec("prose", "builtin:prose"),
-           SourceSpec("code", "builtin:code", max_documents=200), SourceSpec("math", "builtin:math", max_documents=5000)]
+SOURCES = [SourceSpec(name="arithmetic", path="builtin:arithmetic", max_rows=20000), SourceSpec(name="prose", path="builtin:prose"),
+           SourceSpec(name="code", path="builtin:code", max_rows=200), SourceSpec(name="math", path="builtin:math", max_rows=5000)]
 
 
 def main() -> None:

@@ -124,21 +124,47 @@ def save_checkpoint(
     return target
 
 
-def resume_point(output_dir: str | os.PathLike, newest_checkpoint: str | os.PathLike | None, resume: bool) -> Path | None:
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike, marker: str) -> list[Path]:
+    """The `checkpoint-<step>` directories of a run that hold `marker`, oldest first.
+
+    `marker` is the file its writer writes last (the Trainer's trainer_state.json, pretraining's
+    pretrain_state.json), so a checkpoint killed half-written is never taken for a complete one."""
+    out = Path(output_dir)
+    found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / marker).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def resume_point(output_dir: str | os.PathLike, marker: str, resume_from_checkpoint: str | bool | None) -> Path | None:
     """The stage contract for a run directory: the checkpoint to resume from, or None to start fresh.
 
-    A finished run (its stage.json) is never trained over; checkpoints left by an interrupted run
-    are continued only when asked (`--resume true`), never silently restarted or overwritten.
-    `newest_checkpoint` is the stage's own newest complete checkpoint (each stage names them its way).
-    """
+    `resume_from_checkpoint` as in transformers' TrainingArguments: unset to start fresh, `true` (or
+    `latest`) for the newest complete checkpoint in output_dir, or the path of one checkpoint. A
+    finished run (its stage.json) is never trained over; checkpoints left by an interrupted run are
+    continued only when asked, never silently restarted or overwritten."""
     out = Path(output_dir)
     if (out / MANIFEST_NAME).exists():
         raise FileExistsError(f"output_dir {out} already holds a finished model ({MANIFEST_NAME}); "
                               "choose a new output_dir to train again")
-    if newest_checkpoint is not None and not resume:
-        raise FileExistsError(f"output_dir {out} has checkpoints ({Path(newest_checkpoint).name} newest); pass "
-                              "--resume true to continue that run, or choose a new output_dir")
-    return Path(newest_checkpoint) if resume and newest_checkpoint is not None else None
+    checkpoints = complete_checkpoints(out, marker)
+    value = resume_from_checkpoint
+    if isinstance(value, str) and value.lower() in ("", "false", "none", "no"):
+        value = None
+    if not value:
+        if checkpoints:
+            raise FileExistsError(f"output_dir {out} has checkpoints ({checkpoints[-1].name} newest); pass "
+                                  "--resume_from_checkpoint true to continue that run, or choose a new output_dir")
+        return None
+    if value is True or value.lower() in ("true", "latest", "yes"):
+        return checkpoints[-1] if checkpoints else None
+    path = Path(value)
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint={value}: not a complete checkpoint (no {marker}); "
+                                f"complete ones in {out}: {[p.name for p in checkpoints] or 'none'}")
+    return path
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:

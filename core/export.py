@@ -5,10 +5,10 @@ strict `load_state_dict`: nothing is re-laid out. Export works whenever the core
 target (it says which knob prevents it otherwise); import lets a pretrained Llama, Qwen3 or
 SmolLM3 checkpoint continue training as a core model.
 
-    python -m core.export --model out/pretrain --output out/pretrain-llama
+    python -m core.export --model_name_or_path out/pretrain --output_dir out/pretrain-llama
 """
 
-import argparse
+from dataclasses import dataclass, field
 import json
 from pathlib import Path
 
@@ -132,16 +132,21 @@ def export_checkpoint(model_dir: str | Path, output_dir: str | Path) -> Path:
     except FileNotFoundError:
         parent_manifest = {}
     return save_checkpoint(output_dir, native, tokenizer, stage="export",
-                           recipe={"model": str(model_dir), "target": native.config.model_type},
+                           recipe={"model_name_or_path": str(model_dir), "target": native.config.model_type},
                            parent=str(model_dir), data_fingerprint=parent_manifest.get("data_fingerprint"))
 
 
+@dataclass
+class ExportConfig:
+    model_name_or_path: str = field(metadata={"help": "Core checkpoint directory to export."})
+    output_dir: str = field(metadata={"help": "New directory for the native checkpoint (must not exist)."})
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="core checkpoint directory")
-    parser.add_argument("--output", required=True, help="new directory for the native checkpoint (must not exist)")
-    args = parser.parse_args(argv)
-    out = export_checkpoint(args.model, args.output)
+    from .recipe import parse_recipe
+
+    (cfg,) = parse_recipe(ExportConfig, args=argv)
+    out = export_checkpoint(cfg.model_name_or_path, cfg.output_dir)
     print(json.dumps({"output": str(out), "architecture": json.loads((out / "config.json").read_text())["architectures"]}))
 
 

@@ -1,11 +1,23 @@
-"""Fault injection for the tests: how they break a real run on purpose.
+"""Fault injection for the tests: how they break a real run on purpose, in every stage.
 
 SMOLFORGE_FAULT holds "kind:arg[,kind:arg...]", e.g. "kill_after_step:3" or
 "nan_at_step:3:1,poison_step:9". Stages ask `fault("kind")` at the point where that fault
-acts; nothing reads the variable unless it is set, so a normal run is untouched.
+acts. Nothing reads the variable unless it is set, and a training loop asks once per step
+at most (never per row), so a normal run pays nothing.
+
+Kinds understood by the stages:
+  kill_after_step:N     SIGKILL right after the checkpoint of step N is complete (every stage)
+  kill_in_checkpoint:N  SIGKILL in the middle of writing checkpoint N (every stage)
+  nan_at_step:S[:rank]  pretraining: the loss of step S becomes NaN (on one rank)
+  poison_step:S         pretraining: the rows of step S become noise, wherever they reappear
+  slow_data:S:sec[:rank] pretraining: the data loader sleeps before every batch from step S on
+  corrupt_checkpoint    pretraining preflight: the round-trip checkpoint is corrupted
 """
 
 import os
+import signal
+
+from transformers import TrainerCallback
 
 
 def fault(name: str) -> str | None:
@@ -15,3 +27,26 @@ def fault(name: str) -> str | None:
         if kind == name:
             return arg
     return None
+
+
+def kill_if(name: str, step: int) -> None:
+    """SIGKILL this process when fault `name` is set to `step` (no cleanup, as a real crash)."""
+    if fault(name) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class FaultCallback(TrainerCallback):
+    """Trainer stages: kill_after_step:N, after checkpoint N is complete (on_save runs after the save)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        kill_if("kill_after_step", state.global_step)
+
+
+class FaultInjectionMixin:
+    """Trainer stages: kill_in_checkpoint:N, after checkpoint N's weights, optimizer and RNG are
+    written but before trainer_state.json, the file that marks it complete (Trainer._save_checkpoint
+    writes it last)."""
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        kill_if("kill_in_checkpoint", self.state.global_step)

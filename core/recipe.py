@@ -45,6 +45,41 @@ import yaml
 from trl import TrlParser
 
 
+# Fields renamed to the Hugging Face / TRL word for the same thing (issue 10). An old recipe is told
+# the new name instead of a generic "unknown key".
+RENAMED_FIELDS = {
+    "per_device_batch_size": "per_device_train_batch_size",
+    "lr_scheduler": "lr_scheduler_type",
+    "decay_steps": "lr_scheduler_kwargs.num_decay_steps",
+    "decay_type": "lr_scheduler_kwargs.decay_type",
+    "min_lr_ratio": "lr_scheduler_kwargs.min_lr_ratio",
+    "mixed_precision": "bf16",
+    "seq_len": "max_length",
+    "resume": "resume_from_checkpoint",
+    "model": "model_name_or_path",
+    "output": "output_dir",
+}
+
+# Fields whose values are credentials: never printed, never written to stage.json. One rule for
+# every stage (TrainingArguments.to_dict hides `*_token` the same way, but a tokenizer's special
+# tokens are recipe, not secrets). A substring test such as "key" would hide num_key_value_heads.
+SPECIAL_TOKEN_FIELDS = {f"{kind}_token" for kind in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
+
+
+def is_secret(field_name: str) -> bool:
+    name = field_name.lower()
+    if name in SPECIAL_TOKEN_FIELDS:
+        return False
+    return name.endswith(("_token", "_secret", "_password", "api_key")) or name in ("token", "secret", "password")
+
+
+def redacted(recipe: dict) -> dict:
+    """`recipe` with credential values replaced by "<redacted>", in nested mappings too."""
+    return {key: "<redacted>" if is_secret(str(key)) and value not in (None, "", [])
+            else redacted(value) if isinstance(value, dict) else value
+            for key, value in recipe.items()}
+
+
 class RecipeError(ValueError):
     """A recipe (YAML file or command line) names an unknown key or gives a key a bad value."""
 
@@ -95,8 +130,12 @@ class RecipeParser(TrlParser):
             # win) and required fields given in the YAML stop being required.
             self.set_defaults_with_config(**defaults)
 
-        # Check for unknown flags before building the dataclasses: their __post_init__ may fail
-        # on an unrelated field first and hide the typo.
+        # Check for unknown flags before anything else: a missing required field, or a
+        # dataclass's __post_init__, would otherwise fail first and hide the typo.
+        for token in args:
+            key = token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") else None
+            if key and key != "help" and key not in self.declared_types:
+                raise RecipeError(f"unknown command-line flag {token!r}{self._suggestion(key)}")
         _, remaining = self.parse_known_args(args)
         if remaining:
             flag = next((token for token in remaining if token.startswith("-")), None)
@@ -108,6 +147,9 @@ class RecipeParser(TrlParser):
         return self.parse_args_into_dataclasses(args=args, look_for_args_file=False)
 
     def _suggestion(self, key: str) -> str:
+        renamed = RENAMED_FIELDS.get(key)
+        if renamed is not None and renamed.split(".")[0] in self.declared_types:
+            return f"; did you mean {renamed!r}? (renamed to the Hugging Face name)"
         close = difflib.get_close_matches(key, self.declared_types, n=1)
         return f"; did you mean {close[0]!r}?" if close else "; see --help for the valid fields"
 
@@ -189,19 +231,16 @@ def resolved_recipe(*instances: Any) -> dict[str, Any]:
 
     Flat like the YAML itself, so the `recipe` saved in stage.json can be fed back with
     `--config` to repeat the run. Values are taken after each dataclass's `__post_init__`,
-    i.e. as the run actually used them. Fields ending in `_token` are redacted (as
-    `TrainingArguments.to_dict` does) because stage.json travels with the checkpoint.
+    i.e. as the run actually used them. Credentials (`is_secret`) are redacted because
+    stage.json travels with the checkpoint.
     """
     recipe: dict[str, Any] = {}
     for instance in instances:
         for field in dataclasses.fields(instance):
             if not field.init:
                 continue
-            value = getattr(instance, field.name)
-            if field.name.endswith("_token") and value is not None:
-                value = "<redacted>"
-            recipe[field.name] = _jsonable(value)
-    return recipe
+            recipe[field.name] = _jsonable(getattr(instance, field.name))
+    return redacted(recipe)
 
 
 def _pop_config_flag(args: list[str]) -> tuple[str | None, list[str]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from core.metrics import read_metrics
 from core.recipe import load_recipe_file
 
 
@@ -53,7 +54,7 @@ def variants(recipe: dict, varies: list[tuple[str, list]]) -> dict[str, dict]:
 
 
 def collect(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     curves: dict[str, dict[int, float]] = {}
     tps = []
     for r in rows:

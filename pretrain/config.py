@@ -22,21 +22,21 @@ class PretrainConfig:
     attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
 
     # --- data ------------------------------------------------------------------------------------
-    sources: list[dict] = _help("Data sources: {name, path, weight, text_field, max_documents, split, seed}.",
-                                default_factory=list)
+    sources: list[dict] = _help("Data sources (core/sources.py): {path, name, weight, text_field, max_rows, split, "
+                                "subset, seed, filters, dedup}.", default_factory=list)
     stages: list[dict] | None = _help("Curriculum: [{start_step | start_tokens, weights: {source: w}}]; "
                                       "default: one stage with the sources' weights.", default=None)
     adaptive_mixture: bool = _help("Shift weight toward sources whose validation loss improves most slowly "
                                    "(rule in pretrain/data.py:adapt_factors), at every evaluation.", default=False)
     adaptive_rate: float = _help("Step size of the adaptive rule.", default=0.5)
-    seq_len: int = _help("Tokens per packed row.", default=256)
+    max_length: int = _help("Tokens per packed row (the sequence length).", default=256)
     validation_rows: int = _help("Rows held out per source for its validation loss.", default=8)
-    data_cache_dir: str = _help("Where tokenised sources are cached (keyed by source, tokenizer, seq_len).",
+    data_cache_dir: str = _help("Where tokenised sources are cached (keyed by source content, tokenizer, max_length).",
                                 default="out/data_cache")
 
     # --- optimisation ------------------------------------------------------------------------------
     max_steps: int = _help("Optimizer steps.", default=200)
-    per_device_batch_size: int = _help("Rows per micro-batch per process.", default=16)
+    per_device_train_batch_size: int = _help("Rows per micro-batch per process.", default=16)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     learning_rate: float = _help("Peak learning rate.", default=3e-3)
     weight_decay: float = _help("AdamW weight decay on the matrices.", default=0.1)
@@ -45,27 +45,33 @@ class PretrainConfig:
     adam_beta1: float = _help("AdamW beta1.", default=0.9)
     adam_beta2: float = _help("AdamW beta2 (0.95 as in SmolLM3 / Llama).", default=0.95)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
-    lr_scheduler: str = _help("wsd (warmup-stable-decay) or cosine.", default="wsd")
+    lr_scheduler_type: str = _help("Any transformers scheduler name (transformers.get_scheduler, as in SFT): "
+                                   "warmup_stable_decay, cosine, cosine_with_min_lr, linear, constant_with_warmup, ...",
+                                   default="warmup_stable_decay")
+    lr_scheduler_kwargs: dict = _help("The scheduler's own arguments. warmup_stable_decay: num_decay_steps (SmolLM3 "
+                                      "decays over the last ~10%), decay_type (linear, cosine, 1-sqrt), min_lr_ratio; "
+                                      "cosine_with_min_lr: min_lr_rate.",
+                                      default_factory=lambda: {"num_decay_steps": 40, "decay_type": "linear"})
     warmup_steps: int = _help("Linear warmup steps.", default=20)
-    decay_steps: int = _help("WSD: steps of the final decay (SmolLM3 decays over the last ~10%).", default=40)
-    decay_type: str = _help("WSD decay shape: linear, cosine or 1-sqrt.", default="linear")
-    min_lr_ratio: float = _help("Final learning rate as a fraction of the peak.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
-    mixed_precision: str = _help("no | bf16 (autocast; on CPU too, about 2x faster here: shared/FACTS.md).",
-                                 default="no")
+    bf16: bool = _help("bf16 autocast (on CPU too: about 2x faster for a 25M model here, slower for the tiny "
+                       "preset; shared/FACTS.md).", default=False)
     torch_compile: bool = _help("torch.compile the model.", default=False)
     seed: int = _help("Seed of the init (same on every rank) and of the data order.", default=0)
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------
     save_steps: int = _help("Checkpoint every N steps (and at the end).", default=100)
-    save_total_limit: int = _help("Keep the newest K checkpoints.", default=2)
-    resume: bool = _help("Continue from the newest complete checkpoint in output_dir.", default=False)
+    save_total_limit: int | None = _help("Keep the newest K >= 1 checkpoints (null: keep all).", default=2)
+    resume_from_checkpoint: str | None = _help("Continue an interrupted run: true (or latest) for the newest complete "
+                                               "checkpoint in output_dir, or the path of one checkpoint.", default=None)
     eval_steps: int = _help("Per-source validation loss every N steps (and at the end).", default=50)
     logging_steps: int = _help("Log every N steps.", default=10)
-    report_to: list[str] = _help("Any of jsonl (output_dir/metrics.jsonl), tensorboard, wandb (offline unless "
-                                 "WANDB_MODE says otherwise).", default_factory=lambda: ["jsonl"])
-    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 bf16), "
-                                     "190e9 on CPU (2 threads fp32, shared/FACTS.md).", default=None)
+    report_to: list[str] = _help("Remote trackers, through accelerate (log_with): tensorboard, wandb (offline unless "
+                                 "WANDB_MODE says otherwise), ..., all or none. output_dir/metrics.jsonl is always "
+                                 "written (core/metrics.py).", default_factory=lambda: ["none"])
+    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 dense bf16), "
+                                     "on CPU the fp32 / bf16 matmul peak measured here (shared/FACTS.md). The log "
+                                     "says which peak it uses.", default=None)
     preflight: bool = _help("Run the preflight checks only, print them, and exit.", default=False)
     skip_preflight: bool = _help("Do not run the preflight checks before training.", default=False)
 

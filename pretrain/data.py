@@ -5,8 +5,9 @@
    document boundaries are the EOS positions, from which `position_ids` restart at 0 after every
    EOS, so the model's block-diagonal mask (core/modeling.py) keeps documents apart. The last
    `validation_rows` rows of a source are held out for its validation loss. The cache key hashes
-   the source spec (and a built-in's generator code), the tokenizer and seq_len, so a change
-   re-tokenises and nothing else does.
+   what decides the documents (core.sources.data_identity: the file's bytes or a built-in's code,
+   never the mixture weight), the tokenizer and the row length, so a change re-tokenises and
+   nothing else does.
 2. `MixtureStream` decides which row every sample of every optimizer step is. Sample k of step s
    goes to the source with the largest deficit `w_i * n - count_i` under step s's weights (a
    deterministic weighted round robin: every prefix of the stream is within one row per source of
@@ -30,7 +31,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from core.faults import fault
-from .sources import DataSourceError, SourceSpec, generator_fingerprint, iter_documents
+from core.sources import DataSourceError, SourceSpec, data_identity, iter_documents
 
 
 # --- 1. tokenise and pack once -------------------------------------------------------------------
@@ -41,7 +42,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def pack_source(spec: SourceSpec, tokenizer, seq_len: int, cache_dir: str | Path, batch_docs: int = 256) -> Path:
     """Tokenise `spec` into `cache_dir/<name>-<key>/tokens.npy`; return that directory (reused if built)."""
-    key = hashlib.sha256(json.dumps([spec.__dict__, generator_fingerprint(spec), tokenizer_fingerprint(tokenizer), seq_len],
+    # The key is what the rows are made of: the source's documents (its content, not its mixture
+    # weight), the tokenizer and the row length (issue 11: an edited file must not reuse a cache).
+    key = hashlib.sha256(json.dumps([data_identity(spec), tokenizer_fingerprint(tokenizer), seq_len],
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     out = Path(cache_dir) / f"{spec.name}-{key}"
     if (out / "meta.json").exists():
@@ -83,7 +86,7 @@ def pack_source(spec: SourceSpec, tokenizer, seq_len: int, cache_dir: str | Path
     packed.flush()
     del packed, flat_arr
     (tmp / "flat.bin").unlink()
-    (tmp / "meta.json").write_text(json.dumps({"source": spec.__dict__, "documents": n_docs, "filter_stats": stats,
+    (tmp / "meta.json").write_text(json.dumps({"source": data_identity(spec), "documents": n_docs, "filter_stats": stats,
                                                "tokens": n_tokens,
                                                "rows": rows, "seq_len": seq_len, "dtype": np.dtype(dtype).name}))
     try:
@@ -193,6 +196,14 @@ class MixtureStream(IterableDataset):
         # Rows never to train on (a rolled-back batch's): skipped when their turn comes.
         self.excluded: set[tuple[int, int]] = set()
 
+    def set_adaptive_factors(self, factors: np.ndarray) -> None:
+        """New adaptive factors take effect like a new curriculum stage: the round robin restarts its
+        counts, so the deficit built under the old weights is not paid back with single-source
+        batches (issue 11: steps 5-8 were all prose, 9-10 all arithmetic)."""
+        self.adaptive_factors = np.asarray(factors, dtype=np.float64)
+        self.stage_drawn = 0
+        self.stage_counts[:] = 0
+
     def weights(self) -> np.ndarray:
         w = self.schedule.stages[self.stage][1] * self.adaptive_factors
         return w / w.sum()
@@ -226,11 +237,13 @@ class MixtureStream(IterableDataset):
         return rows
 
     def __iter__(self):
-        slow = fault("slow_data")  # tests: "S:seconds" sleeps before every batch from step S on
+        # tests: "S:seconds[:rank]" sleeps before every batch from step S on (on one rank only)
+        slow = fault("slow_data")
+        slow = slow.split(":") if slow and (slow.count(":") == 1 or slow.split(":")[2] == str(self.rank)) else None
         while True:
             mine = self.next_step_rows()[self.rank::self.world]
-            if slow and self.step > int(slow.split(":")[0]):
-                time.sleep(float(slow.split(":")[1]))
+            if slow and self.step > int(slow[0]):
+                time.sleep(float(slow[1]))
             for i in range(self.accum):
                 yield make_batch(mine[i * self.micro:(i + 1) * self.micro], self.sources, self.eos_id)
 

@@ -11,8 +11,10 @@ detector returns Alerts; the loop applies the configured policy of each kind:
 Every alert goes to the console, to `alerts.jsonl` in the run directory and to wandb when on.
 
 Detectors (defaults in PretrainConfig):
-- nan: loss or gradient norm not finite; checked before the optimizer step, agreed across ranks
-  (a max-reduce of the flag), so every rank takes the same action and none waits on another.
+- nan: loss or gradient norm not finite; checked before the optimizer step.
+Every input of a detector is reduced across ranks first (the global loss, the flag of a non-finite
+value anywhere, the slowest rank's step time and data wait), so every rank sees the same values,
+takes the same decision and none is left waiting in a collective for a rank that stopped.
 - loss_spike: loss > median + k * scale of the last `spike_window` applied steps, where scale is
   the robust standard deviation 1.4826 * MAD, floored at 2% of the median (a robust z-score:
   unlike an EMA variance it is not inflated by the loss's own downward trend, which hid a 5x
@@ -118,11 +120,16 @@ class Monitor:
                           self.data_stall_seconds)]
         return []
 
+    # What a checkpoint keeps: the running statistics only. The thresholds come from the recipe, so
+    # a resumed run with changed thresholds uses the new ones (issue 11).
+    COUNTERS = ("recent_losses", "grad_mean", "seen", "throughputs", "slow_windows")
+
     def state_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+        return {name: getattr(self, name) for name in self.COUNTERS}
 
     def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
 
 
 class AlertLog:

@@ -13,14 +13,14 @@ what lets a small model learn arithmetic digit by digit.
 
 import json
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, zip_longest
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from core.recipe import parse_recipe
-from .sources import SourceSpec, iter_documents
+from core.sources import SourceSpec, iter_documents
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -30,11 +30,18 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 @dataclass
 class TokenizerConfig:
-    sources: list[dict] = field(default_factory=list, metadata={"help": "Data sources to sample (see pretrain/sources.py)."})
+    sources: list[dict] = field(default_factory=list, metadata={"help": "Data sources to sample (core/sources.py)."})
     output_dir: str = field(default="out/tokenizer", metadata={"help": "New directory for the trained tokenizer."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary size including special tokens."})
     sample_documents: int = field(default=2000, metadata={"help": "Documents per source used for training and measuring."})
     compare_with: list[str] = field(default_factory=list, metadata={"help": "Tokenizer paths to measure on the same sample."})
+
+
+def interleave(documents_by_source: dict[str, list[str]]) -> list[str]:
+    """Every sampled document, sources taking turns, so the merges are not dominated by whichever
+    source comes first. zip() would cut each source to the shortest one (issue 11: builtin:code's
+    166 documents once limited BPE to 664 of 4,287 sampled documents)."""
+    return [d for group in zip_longest(*documents_by_source.values()) for d in group if d is not None]
 
 
 def train_tokenizer(documents_by_source: dict[str, list[str]], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -47,9 +54,7 @@ def train_tokenizer(documents_by_source: dict[str, list[str]], vocab_size: int) 
     special = [EOS, PAD, *CHAT_TOKENS]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Interleave sources so the merges are not dominated by whichever source comes first.
-    docs = [d for group in zip(*documents_by_source.values()) for d in group]
-    tok.train_from_iterator(docs, trainer=trainer)
+    tok.train_from_iterator(interleave(documents_by_source), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=CHAT_TOKENS, model_max_length=1_000_000)
 

@@ -1,9 +1,11 @@
 """The pretraining loop: from random weights (or a checkpoint) to a base model.
 
     python -m pretrain --config recipes/tiny/pretrain.yaml [--max_steps 100 ...]
-    accelerate launch --config_file recipes/accelerate_configs/ddp.yaml -m pretrain --config ...
+    accelerate launch --multi_gpu --num_processes 2 -m pretrain --config ...   (DDP; gloo on CPU)
+    accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml -m pretrain --config ...
 
-A straight line in sections — setup, data, model, optimizer, loop — on accelerate, so the same
+`run` reads top to bottom — setup, data, model, optimizer, loop — and the loop is named steps:
+`train_step`, `apply_alert_policy`, `log_step`, `evaluate`, `save`. Built on accelerate, so the same
 code runs on one CPU process, DDP or FSDP2 (gloo on CPU, NCCL on GPU). Deviations from a plain
 loop, each on purpose:
 - Loss normalisation: every micro-batch's summed token loss is divided by the number of target
@@ -12,15 +14,18 @@ loop, each on purpose:
 - The data stream (pretrain/data.py) decides every row of every step up front from a few
   counters, so a resumed run reads exactly the rows an uninterrupted one would have.
 - A checkpoint is written to a hidden temporary directory and renamed to `checkpoint-<step>` only
-  when complete; a run killed mid-write leaves a temporary directory that resume ignores.
+  when complete (`pretrain_state.json` inside marks it); a run killed mid-write leaves a
+  temporary directory that resume ignores.
+- A skipped step (alert policy `skip`) drops the update but still advances the learning-rate
+  schedule, so the schedule stays a function of the step and WSD's decay still ends at max_steps.
 """
 
 import json
 import math
 import os
 import shutil
-import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,37 +36,31 @@ from accelerate.utils import set_seed
 from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup, get_wsd_schedule
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
-from core.faults import fault
+from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
+from core.faults import fault, kill_if
 from core.kernels import RMSNorm
+from core.metrics import MetricsWriter
 from core.recipe import parse_recipe, resolved_recipe
+from core.sources import DataSourceError, SourceSpec, data_identity
 from .config import PretrainConfig
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
 from .monitor import AlertLog, Monitor, resolve_policies
 from .parallel import DataParallel
 from .preflight import PreflightError, report, run_preflight
-from .sources import DataSourceError, SourceSpec
 
-CHECKPOINT_PREFIX = "checkpoint-"
+# Not HF's trainer_state.json: our schema differs, and HF tools would misread it (issue 10).
+STATE_FILE = "pretrain_state.json"
+SEVERITY = {"apply": -1, "warn": 0, "skip": 1, "rollback": 2, "stop": 3}
 
 
 class TrainingStopped(RuntimeError):
     """An alert whose policy is `stop` ended the run; the offending update was not applied."""
 
 
-STATE_FILE = "trainer_state.json"
-
-
 # --- setup: everything that can be wrong is checked here, before the first step ------------------
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """checkpoint-<step> directories, oldest first. Only complete ones carry that name (renamed last)."""
-    found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
 
 def build_model(cfg: PretrainConfig, tokenizer) -> SmolForgeForCausalLM:
     if cfg.model_name_or_path:
@@ -87,10 +86,8 @@ def build_model(cfg: PretrainConfig, tokenizer) -> SmolForgeForCausalLM:
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer_name_or_path} has {len(tokenizer)} tokens but the model's "
                          f"vocab_size is {model.config.vocab_size}; ids past it would index out of the embedding")
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for target in (model.config, model.generation_config):
+        target.eos_token_id, target.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     return model
 
 
@@ -115,14 +112,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay: list[str])
 
 
 def build_scheduler(cfg: PretrainConfig, optimizer):
-    if cfg.lr_scheduler == "wsd":
-        return get_wsd_schedule(optimizer, num_warmup_steps=cfg.warmup_steps, num_decay_steps=cfg.decay_steps,
-                                num_training_steps=cfg.max_steps, decay_type=cfg.decay_type,
-                                min_lr_ratio=cfg.min_lr_ratio)
-    if cfg.lr_scheduler == "cosine":
-        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps,
-                                                           min_lr_rate=cfg.min_lr_ratio)
-    raise ValueError(f"lr_scheduler must be wsd or cosine, got {cfg.lr_scheduler!r}")
+    """transformers' scheduler of that name, as SFT's Trainer builds it (get_scheduler)."""
+    try:
+        return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.max_steps, scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"lr_scheduler_type={cfg.lr_scheduler_type!r} with lr_scheduler_kwargs="
+                         f"{cfg.lr_scheduler_kwargs}: {e}") from e
 
 
 def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
@@ -135,6 +131,17 @@ def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
     return 6 * n + 12 * L * config.num_attention_heads * config.head_dim * seq_len
 
 
+def peak_flops(cfg: PretrainConfig) -> tuple[float, str]:
+    """The MFU denominator per process, and where it comes from (printed, so the MFU can be judged)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops, "peak_flops from the recipe"
+    if torch.cuda.is_available():
+        return 989e12, "989 TFLOP/s, H100 dense bf16 (set peak_flops for another GPU)"
+    if cfg.bf16:
+        return 400e9, "400 GFLOP/s, the CPU bf16 matmul peak measured on 2 threads (shared/FACTS.md)"
+    return 190e9, "190 GFLOP/s, the CPU fp32 matmul peak measured on 2 threads (shared/FACTS.md)"
+
+
 def unigram_entropy(sources: list[PackedSource], weights: np.ndarray, vocab_size: int) -> float:
     """Entropy (nats/token) of the mixture's unigram distribution: the loss of a model that ignores context."""
     p = sum(w * s.unigram_counts(vocab_size) / s.n_train / s.tokens.shape[1] for w, s in zip(weights, sources))
@@ -142,324 +149,444 @@ def unigram_entropy(sources: list[PackedSource], weights: np.ndarray, vocab_size
     return float(-(p * np.log(p)).sum())
 
 
-# --- logging ---------------------------------------------------------------------------------------
+def trackers(cfg: PretrainConfig) -> list[str]:
+    """report_to as accelerate's `log_with` (HF's words: a name, a list, "all" or "none")."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-class MetricsLog:
-    """jsonl / tensorboard / wandb, chosen by report_to; main process only."""
-
-    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator):
-        self.enabled = accelerator.is_main_process
-        unknown = set(cfg.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
-        if unknown:
-            raise ValueError(f"report_to has unknown backends {sorted(unknown)}; use jsonl, tensorboard, wandb or none")
-        self.jsonl = Path(cfg.output_dir) / "metrics.jsonl" if "jsonl" in cfg.report_to else None
-        self.tb = self.wandb = None
-        if not self.enabled:
-            return
-        if "tensorboard" in cfg.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard"))
-        if "wandb" in cfg.report_to:
-            import wandb
-
-            os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user configured it
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "smolforge"), dir=cfg.output_dir,
-                                    config=resolved_recipe(cfg))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        if self.jsonl:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    if names in (["none"], []):
+        return []
+    unknown = sorted(set(names) - set(LOGGER_TYPE_TO_CLASS) - {"all"})
+    if unknown:
+        raise ValueError(f"report_to has unknown trackers {unknown}; use any of {sorted(LOGGER_TYPE_TO_CLASS)}, "
+                         f"all or none (output_dir/metrics.jsonl is always written)")
+    if "wandb" in names or "all" in names:
+        os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user configured it
+    return names
 
 
-# --- the run ---------------------------------------------------------------------------------------
-
-def run(cfg: PretrainConfig) -> dict:
-    # cpu=True where there is no GPU: only then does accelerate set up gloo for a multi-process CPU launch
-    # (without it each process of `accelerate launch --multi_gpu` sees world size 1: measured).
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
-    out = Path(cfg.output_dir)
-    checkpoints = complete_checkpoints(out)
-    resume_from = resume_point(out, checkpoints[-1] if checkpoints else None, cfg.resume)
-    if cfg.preflight or not cfg.skip_preflight:
-        failure = None
-        if accelerator.is_main_process:
-            try:
-                report(run_preflight(cfg, build_model), accelerator.print)
-            except PreflightError as e:
-                failure = e
-        # Every rank learns the verdict, so none is left waiting for a main process that stopped.
-        if accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "sum").item():
-            raise failure or PreflightError("preflight failed on the main process (see its output)")
-        if cfg.preflight:
-            return {"preflight": "passed"}
-
-    # data
+def check_recipe(cfg: PretrainConfig) -> None:
     if cfg.tokenizer_name_or_path is None:
         raise ValueError("tokenizer_name_or_path is required (train one with python -m pretrain.tokenizer)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
     if not cfg.sources:
         raise DataSourceError("sources: the recipe lists no data source")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise ValueError(f"save_total_limit={cfg.save_total_limit}: keep at least 1 checkpoint (resume needs one), "
+                         "or null to keep all")
+
+
+def preflight(cfg: PretrainConfig, accelerator: Accelerator) -> None:
+    """The checklist on the main process; every rank learns the verdict, so none is left waiting."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            report(run_preflight(cfg, build_model), accelerator.print)
+        except PreflightError as e:
+            failure = e
+    if accelerator.reduce(torch.tensor(float(failure is not None), device=accelerator.device), "sum").item():
+        raise failure or PreflightError("preflight failed on the main process (see its output)")
+
+
+# --- the run's state -------------------------------------------------------------------------------
+
+@dataclass
+class Window:
+    """What a log line averages over: the steps since the previous one (HF's `loss` is a window mean)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Run:
+    """Everything the loop's steps share (built once by `run`)."""
+
+    cfg: PretrainConfig
+    accelerator: Accelerator
+    out: Path
+    tokenizer: object
+    names: list[str]
+    sources: list[PackedSource]
+    stream: MixtureStream
+    loader: StatefulDataLoader
+    parallel: DataParallel
+    scheduler: object
+    monitor: Monitor
+    policies: dict
+    metrics: MetricsWriter | None
+    alerts: AlertLog | None
+    recipe: dict
+    fingerprint: str
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float
+    step: int = 0
+    rollbacks: int = 0
+    previous_val: dict | None = None
+    window: Window = field(default_factory=Window)
+    last: dict = field(default_factory=dict)
+    poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
+
+    @property
+    def model(self):
+        return self.parallel.model
+
+    def state(self) -> dict:
+        """What pretrain_state.json keeps beside accelerate's state: the step, the monitor's counters,
+        the adaptive mixture's last validation losses and the open log window (exact resume)."""
+        return {"step": self.step, "monitor": self.monitor.state_dict(), "previous_val": self.previous_val,
+                "window": {"loss_sum": self.window.loss_sum, "steps": self.window.steps, "tokens": self.window.tokens}}
+
+    def restore(self, checkpoint: Path) -> None:
+        self.parallel.load(checkpoint / "state")
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        self.step, self.previous_val = state["step"], state["previous_val"]
+        self.monitor.load_state_dict(state["monitor"])
+        self.window = Window(**state["window"])
+
+
+def build_data(cfg: PretrainConfig, accelerator: Accelerator,
+               tokenizer) -> tuple[list[SourceSpec], list[PackedSource], MixtureStream]:
     specs = [SourceSpec.from_dict(s, i) for i, s in enumerate(cfg.sources)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise DataSourceError(f"source names must be unique, got {names}")
     with accelerator.main_process_first():  # rank 0 tokenises, the others then read its cache
-        dirs = [pack_source(s, tokenizer, cfg.seq_len, cfg.data_cache_dir) for s in specs]
+        dirs = [pack_source(s, tokenizer, cfg.max_length, cfg.data_cache_dir) for s in specs]
     sources = [PackedSource(s.name, d, cfg.validation_rows) for s, d in zip(specs, dirs)]
-    tokens_per_step = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world * cfg.seq_len
+    world = accelerator.num_processes
+    tokens_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world * cfg.max_length
     schedule = MixtureSchedule(names, {s.name: s.weight for s in specs}, cfg.stages, tokens_per_step)
-    stream = MixtureStream(sources, schedule, seed=cfg.seed, micro_batch_size=cfg.per_device_batch_size,
-                           accumulation_steps=cfg.gradient_accumulation_steps, rank=rank, world_size=world,
-                           eos_id=tokenizer.eos_token_id)
+    stream = MixtureStream(sources, schedule, seed=cfg.seed, micro_batch_size=cfg.per_device_train_batch_size,
+                           accumulation_steps=cfg.gradient_accumulation_steps, rank=accelerator.process_index,
+                           world_size=world, eos_id=tokenizer.eos_token_id)
+    return specs, sources, stream
+
+
+def build_monitor(cfg: PretrainConfig) -> Monitor:
+    return Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
+                   grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
+                   throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
+                   spike_window=cfg.spike_window)
+
+
+# --- the steps of the loop ----------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss of the step over all ranks (z-loss included), NaN anywhere -> NaN
+    z_loss: float
+    grad_norm: float
+    tokens: int  # target tokens of the step, all ranks
+    seconds: float  # the slowest rank's compute time
+    data_wait: float  # the slowest rank's wait for data
+    rows: list[tuple[int, int]]  # (source, row) of every sample of the step, all ranks
+
+
+def poison_rows(r: Run, micro_batches: list[dict], step_rows: list) -> None:
+    """Tests (fault poison_step): the rows of one step become uniform noise, wherever they reappear."""
+    poison_step = fault("poison_step")
+    if poison_step is not None and r.step == int(poison_step) and not r.poisoned:
+        r.poisoned.update(step_rows)
+    if not r.poisoned:
+        return
+    for mb in micro_batches:
+        for i, (s_idx, row) in enumerate(zip(mb["source"].tolist(), mb["row"].tolist())):
+            if (s_idx, row) in r.poisoned:
+                mb["input_ids"][i] = mb["labels"][i] = torch.randint(
+                    0, r.model.config.vocab_size, (r.cfg.max_length,), generator=torch.Generator().manual_seed(row))
+
+
+def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResult:
+    """Forward and backward over the step's micro-batches; gradients clipped, not yet applied."""
+    acc, device = r.accelerator, r.accelerator.device
+    started = time.perf_counter()
+    ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
+    step_rows = [tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()]
+    poison_rows(r, micro_batches, step_rows)
+    if r.cfg.log_sequence_ids and acc.is_main_process:
+        with open(r.out / "sequence_ids.jsonl", "a") as f:
+            f.write(json.dumps({"step": r.step, "rows": step_rows}) + "\n")
+    n_local = sum(mb["labels"][:, 1:].numel() for mb in micro_batches)
+    n_global = int(acc.reduce(torch.tensor(n_local, device=device), "sum").item())
+    items = n_global / acc.num_processes  # per-rank share: DDP/FSDP average gradients over ranks
+    loss_sum = torch.zeros((), device=device)
+    z_sum = torch.zeros((), device=device)
+    nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
+    for i, mb in enumerate(micro_batches):
+        with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast():
+            o = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device),
+                        labels=mb["labels"].to(device), num_items_in_batch=items)
+        loss = o.loss
+        if nan_fault is not None and nan_fault.split(":")[0] == str(r.step + 1) and (
+                ":" not in nan_fault or nan_fault.split(":")[1] == str(acc.process_index)):
+            loss = loss * float("nan")
+        acc.backward(loss)
+        loss_sum += loss.detach()
+        z_sum += o.z_loss.detach()
+    grad_norm = r.parallel.clip_grad_norm(r.cfg.max_grad_norm or float("inf"))
+    # One reduction for every value an alert decision reads, so all ranks decide alike: the global
+    # loss, a non-finite flag from any rank, and the slowest rank's timings (issue 11).
+    local = torch.tensor([loss_sum.item(), z_sum.item(), float(not math.isfinite(loss_sum.item() + grad_norm))],
+                         device=device, dtype=torch.float64)
+    loss, z, bad = (acc.reduce(local, "sum") / torch.tensor([acc.num_processes, acc.num_processes, 1.0],
+                                                             device=device, dtype=torch.float64)).tolist()
+    timing = torch.tensor([time.perf_counter() - started, data_wait], device=device, dtype=torch.float64)
+    if acc.num_processes > 1:
+        torch.distributed.all_reduce(timing, torch.distributed.ReduceOp.MAX)
+    seconds, data_wait = timing.tolist()
+    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows)
+
+
+def apply_alert_policy(r: Run, result: StepResult) -> str:
+    """Check the step, emit its alerts and return the action: apply, warn, skip, rollback (or raise on stop)."""
+    done = r.step + 1
+    alerts = r.monitor.check_step(done, result.loss, result.grad_norm)
+    action = max((r.policies[a.kind] for a in alerts), key=SEVERITY.__getitem__, default="apply")
+    if action == "rollback" and not complete_checkpoints(r.out, STATE_FILE):
+        action = "skip"  # nothing to roll back to yet
+    if action == "rollback" and r.rollbacks >= r.cfg.max_rollbacks:
+        action = "stop"
+    for a in alerts:
+        a.action = action if action != "apply" else "warn"
+        r.alerts.emit(a, rows=result.rows if action in ("skip", "rollback") else None)
+    if action == "stop":
+        raise TrainingStopped(f"stopped at step {done} by alert(s) {[a.kind for a in alerts]} (see alerts.jsonl)")
+    return action
+
+
+def rollback(r: Run, result: StepResult) -> None:
+    """Reload the newest checkpoint and replay from it without this step's rows (deterministic)."""
+    r.rollbacks += 1
+    checkpoint = complete_checkpoints(r.out, STATE_FILE)[-1]
+    r.restore(checkpoint)
+    r.stream.excluded.update(result.rows)
+    r.accelerator.print(f"rolled back to {checkpoint.name}; {len(result.rows)} rows of step "
+                        f"{r.step + 1} excluded")
+
+
+def check_speed(r: Run, result: StepResult) -> None:
+    """Throughput and data-stall alerts (after the update: they can only warn or stop)."""
+    done = r.step
+    tokens_per_s = result.tokens / (result.seconds + result.data_wait)
+    for a in r.monitor.check_throughput(done, tokens_per_s) + r.monitor.check_data_wait(done, result.data_wait):
+        a.action = r.policies[a.kind]
+        r.alerts.emit(a)
+        if a.action == "stop":
+            raise TrainingStopped(f"stopped at step {done} by alert {a.kind} (see alerts.jsonl)")
+
+
+def per_source_losses(r: Run, micro_batches: list[dict]) -> dict[str, float]:
+    """Training loss of each source on this step's rows. Only at logging steps: an extra fp32
+    cross-entropy over the logits on every micro-batch would cost time for a number nobody reads."""
+    device = r.accelerator.device
+    totals = torch.zeros(2, len(r.sources), device=device)  # loss sum, rows
+    with torch.no_grad(), r.accelerator.autocast():
+        for mb in micro_batches:
+            logits = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device)).logits
+            row_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), mb["labels"][:, 1:].to(device),
+                                       reduction="none").mean(1)
+            totals[0].index_add_(0, mb["source"].to(device), row_loss)
+            totals[1].index_add_(0, mb["source"].to(device), torch.ones_like(row_loss))
+    totals = r.accelerator.reduce(totals, "sum")
+    return {f"loss/{n}": (totals[0, j] / totals[1, j]).item() for j, n in enumerate(r.names) if totals[1, j] > 0}
+
+
+def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches: list[dict]) -> None:
+    """A log line every logging_steps: HF's names (loss = window mean, learning_rate, grad_norm,
+    num_tokens) and ours, to metrics.jsonl, the trackers and the console."""
+    done, w = r.step, r.window
+    w.loss_sum, w.steps, w.tokens = w.loss_sum + result.loss - result.z_loss, w.steps + 1, w.tokens + result.tokens
+    if done % r.cfg.logging_steps and done != r.cfg.max_steps:
+        return
+    tokens_per_s = w.tokens / (time.perf_counter() - w.started)
+    r.last = {"loss": w.loss_sum / w.steps, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
+              "learning_rate": lr, "num_tokens": done * r.tokens_per_step,
+              "param_norm": r.parallel.parameter_norm(), "skipped": skipped, "tokens_per_s": tokens_per_s,
+              "mfu": tokens_per_s / r.accelerator.num_processes * r.flops_per_token / r.peak,
+              **{f"weight/{n}": float(x) for n, x in zip(r.names, r.stream.weights())},
+              **per_source_losses(r, micro_batches)}
+    r.metrics.write(done, r.last)
+    r.accelerator.log(r.last, step=done)
+    r.accelerator.print(f"step {done}/{r.cfg.max_steps} loss {r.last['loss']:.4f} z {result.z_loss:.2e} "
+                        f"|g| {result.grad_norm:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {r.last['mfu']:.1%}")
+    r.window = Window()
+
+
+def evaluate(r: Run) -> dict[str, float]:
+    """Mean token loss of each source's held-out rows, averaged over ranks so every rank holds the
+    same numbers (the adaptive mixture decides from them: ranks must not diverge, issue 11)."""
+    model, device, batch_size = r.model, r.accelerator.device, r.cfg.per_device_train_batch_size
+    model.eval()
+    losses = torch.zeros(len(r.sources), device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for s_idx, src in enumerate(r.sources):
+            total, count = 0.0, 0
+            rows = list(src.validation)
+            for i in range(0, len(rows), batch_size):
+                batch = make_batch([(s_idx, row) for row in rows[i:i + batch_size]], r.sources,
+                                   r.tokenizer.eos_token_id)
+                with r.accelerator.autocast():
+                    o = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                              labels=batch["labels"].to(device))
+                n = batch["labels"][:, 1:].numel()
+                total += (o.loss - o.z_loss).item() * n
+                count += n
+            losses[s_idx] = total / count
+    model.train()
+    losses = r.accelerator.reduce(losses, "mean")
+    return dict(zip(r.names, losses.tolist()))
+
+
+def evaluate_and_adapt(r: Run) -> None:
+    val = evaluate(r)
+    r.metrics.write(r.step, {f"val_loss/{n}": v for n, v in val.items()})
+    r.accelerator.log({f"val_loss/{n}": v for n, v in val.items()}, step=r.step)
+    r.accelerator.print("  validation: " + ", ".join(f"{n} {v:.4f}" for n, v in val.items()))
+    if r.cfg.adaptive_mixture and r.previous_val is not None:
+        r.stream.set_adaptive_factors(adapt_factors(r.stream.adaptive_factors,
+                                                    np.array([r.previous_val[n] for n in r.names]),
+                                                    np.array([val[n] for n in r.names]), r.cfg.adaptive_rate))
+    r.previous_val = val
+    r.last.update({f"val_loss/{n}": v for n, v in val.items()})
+
+
+def save(r: Run) -> None:
+    """checkpoint-<step>: accelerate's state (model, optimizer, RNG, scheduler, data position) plus
+    the HF model, written under a temporary name and renamed once every rank has finished."""
+    acc = r.accelerator
+    final, tmp = r.out / f"{CHECKPOINT_PREFIX}{r.step}", r.out / f".{CHECKPOINT_PREFIX}{r.step}.tmp"
+    acc.wait_for_everyone()
+    r.parallel.save(tmp / "state")
+    state_dict = r.parallel.full_state_dict()
+    acc.wait_for_everyone()  # every rank's files (its RNG state) are written before the rename
+    if acc.is_main_process:
+        save_checkpoint(tmp / "model", r.parallel.base_model(), r.tokenizer, stage="pretrain-checkpoint",
+                        recipe=r.recipe, parent=r.cfg.model_name_or_path, data_fingerprint=r.fingerprint,
+                        state_dict=state_dict)
+        kill_if("kill_in_checkpoint", r.step)  # tests: die mid-write
+        (tmp / STATE_FILE).write_text(json.dumps(r.state()))
+        tmp.rename(final)  # the checkpoint exists only from here on
+        limit = r.cfg.save_total_limit
+        for old in complete_checkpoints(r.out, STATE_FILE)[:-limit] if limit else []:
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+def save_final(r: Run, entropy: float) -> dict:
+    metrics = {**r.last, "unigram_entropy": entropy, "steps": r.cfg.max_steps}
+    r.accelerator.wait_for_everyone()
+    state_dict = r.parallel.full_state_dict()
+    if r.accelerator.is_main_process:
+        save_checkpoint(r.out, r.parallel.base_model(), r.tokenizer, stage="pretrain", recipe=r.recipe,
+                        parent=r.cfg.model_name_or_path, data_fingerprint=r.fingerprint, metrics=metrics,
+                        state_dict=state_dict)
+        r.accelerator.print(f"final loss {metrics.get('loss', float('nan')):.4f} vs unigram entropy "
+                            f"{entropy:.4f} nats/token; model written to {r.out}")
+    r.accelerator.end_training()
+    return metrics
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def run(cfg: PretrainConfig) -> dict:
+    # setup. cpu=True where there is no GPU: only then does accelerate set up gloo for a multi-process
+    # CPU launch (without it each process of `accelerate launch --multi_gpu` sees world size 1: measured).
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
+                              log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
+    out = Path(cfg.output_dir)
+    resume_from = resume_point(out, STATE_FILE, cfg.resume_from_checkpoint)
+    if cfg.preflight or not cfg.skip_preflight:
+        preflight(cfg, accelerator)
+        if cfg.preflight:
+            return {"preflight": "passed"}
+    check_recipe(cfg)
+
+    # data
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
+    specs, sources, stream = build_data(cfg, accelerator, tokenizer)
     loader = StatefulDataLoader(stream, batch_size=None, num_workers=0)
 
     # model and optimizer
     model = build_model(cfg, tokenizer)
-    config = model.config
-    entropy = unigram_entropy(sources, schedule.stages[0][1], config.vocab_size)
+    entropy = unigram_entropy(sources, stream.schedule.stages[0][1], model.config.vocab_size)
     if cfg.torch_compile:
         model.compile()  # in place, so parameter names and FSDP wrapping are unaffected
     parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
         parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon))
-    model, optimizer = parallel.model, parallel.optimizer
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_scheduler(cfg, parallel.optimizer)
     # Stepped by us once per optimizer step (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(loader)
-
-    policies = resolve_policies(cfg.alert_policies)
-    monitor = Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
-                      grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
-                      throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
-                      spike_window=cfg.spike_window)
-    start_step = 0
-    if resume_from is not None:
-        parallel.load(resume_from / "state")
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        start_step = state["step"]
-        monitor.load_state_dict(state["monitor"])
-        accelerator.print(f"resumed from {resume_from} at step {start_step}")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint killed half-written
-            shutil.rmtree(stale, ignore_errors=True)
-        if cfg.log_sequence_ids and start_step == 0:
-            (out / "sequence_ids.jsonl").unlink(missing_ok=True)
-    metrics_log = MetricsLog(cfg, accelerator)
-    alert_log = AlertLog(out / "alerts.jsonl", accelerator.is_main_process, accelerator.print, metrics_log.wandb)
+    peak, peak_source = peak_flops(cfg)
     recipe = resolved_recipe(cfg)
-    fingerprint = data_fingerprint([json.dumps([s.__dict__ for s in specs], sort_keys=True, default=str),
-                                    str(cfg.seq_len), str(dirs)])
-    peak = cfg.peak_flops or (989e12 if torch.cuda.is_available() else 190e9)
-    fpt = flops_per_token(config, cfg.seq_len)
-    accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es), {parallel.kind}; "
-                      f"unigram entropy of the data: {entropy:.4f} nats/token")
-
-    def save(step: int) -> None:
-        final = out / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = out / f".{CHECKPOINT_PREFIX}{step}.tmp"
-        accelerator.wait_for_everyone()
-        parallel.save(tmp / "state")  # model, optimizer, RNG, scheduler, data position
-        state_dict = parallel.full_state_dict()
-        if accelerator.is_main_process:
-            save_checkpoint(tmp / "model", parallel.base_model(), tokenizer, stage="pretrain-checkpoint",
-                            recipe=recipe, parent=cfg.model_name_or_path, data_fingerprint=fingerprint,
-                            state_dict=state_dict)
-            if fault("kill_in_checkpoint") == str(step):  # tests: die mid-write
-                os.kill(os.getpid(), signal.SIGKILL)
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "monitor": monitor.state_dict()}))
-            tmp.rename(final)  # the checkpoint exists only from here on
-            for old in complete_checkpoints(out)[:-cfg.save_total_limit]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
-    def evaluate() -> dict[str, float]:
-        """Mean token loss of each source's held-out rows (every rank computes all: they are few)."""
-        model.eval()
-        losses = {}
-        with torch.no_grad():
-            for s_idx, src in enumerate(sources):
-                total, count = 0.0, 0
-                rows = list(src.validation)
-                for i in range(0, len(rows), cfg.per_device_batch_size):
-                    batch = make_batch([(s_idx, r) for r in rows[i:i + cfg.per_device_batch_size]], sources,
-                                       tokenizer.eos_token_id)
-                    with accelerator.autocast():
-                        o = model(input_ids=batch["input_ids"].to(accelerator.device),
-                                  position_ids=batch["position_ids"].to(accelerator.device),
-                                  labels=batch["labels"].to(accelerator.device))
-                    n = batch["labels"][:, 1:].numel()
-                    total += (o.loss - o.z_loss).item() * n
-                    count += n
-                losses[src.name] = total / count
-        model.train()
-        return losses
+    r = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, names=[s.name for s in specs],
+            sources=sources, stream=stream, loader=loader, parallel=parallel, scheduler=scheduler,
+            monitor=build_monitor(cfg), policies=resolve_policies(cfg.alert_policies),
+            metrics=None, alerts=None, recipe=recipe,  # both opened by prepare_output_dir
+            fingerprint=data_fingerprint([json.dumps([data_identity(s) for s in specs], sort_keys=True),
+                                          str(cfg.max_length)]),
+            tokens_per_step=stream.global_batch * cfg.max_length,
+            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak)
+    if resume_from is not None:
+        r.restore(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {r.step}")
+    prepare_output_dir(r)
+    accelerator.print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {accelerator.num_processes}"
+                      f" process(es), {parallel.kind}; unigram entropy {entropy:.4f} nats/token; MFU vs {peak_source}")
 
     # the loop
     data_iter = iter(loader)
-    model.train()
-    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="pretrain", unit="step",
+    parallel.model.train()
+    progress = tqdm(total=cfg.max_steps, initial=r.step, desc="pretrain", unit="step",
                     disable=not accelerator.is_main_process)
-    window_start, window_tokens = time.perf_counter(), 0
-    previous_val = None
-    last: dict = {}
-    poison_step = fault("poison_step")
-    poisoned: set[tuple[int, int]] = set()  # tests: rows whose tokens a fault replaced with noise
-    rollbacks = 0
-    step = start_step
-    while step < cfg.max_steps:
+    while r.step < cfg.max_steps:
         t_data = time.perf_counter()
         micro_batches = [next(data_iter) for _ in range(cfg.gradient_accumulation_steps)]
-        data_wait = time.perf_counter() - t_data
-        t_step = time.perf_counter()
-        ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
-        step_rows = [tuple(r) for r in accelerator.gather(ids.to(accelerator.device)).cpu().tolist()]
-        if poison_step is not None and step == int(poison_step) and not poisoned:
-            poisoned.update(step_rows)
-        for mb in micro_batches:
-            for i, (s_idx, r) in enumerate(zip(mb["source"].tolist(), mb["row"].tolist())):
-                if (s_idx, r) in poisoned:  # a corrupted shard: uniform noise tokens
-                    mb["input_ids"][i] = mb["labels"][i] = torch.randint(0, config.vocab_size, (cfg.seq_len,),
-                                                                         generator=torch.Generator().manual_seed(r))
-        if cfg.log_sequence_ids and accelerator.is_main_process:
-            with open(out / "sequence_ids.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "rows": step_rows}) + "\n")
-        n_local = sum(mb["labels"][:, 1:].numel() for mb in micro_batches)
-        n_global = accelerator.reduce(torch.tensor(n_local, device=accelerator.device), "sum").item()
-        items = n_global / world  # per-rank share: DDP/FSDP average gradients over ranks
-        loss_sum = torch.zeros((), device=accelerator.device)
-        z_sum = torch.zeros((), device=accelerator.device)
-        per_source = torch.zeros(2, len(sources), device=accelerator.device)  # loss sum, rows
-        nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
-        for i, mb in enumerate(micro_batches):
-            last_micro = i == len(micro_batches) - 1
-            with parallel.no_sync(last_micro), accelerator.autocast():
-                o = model(input_ids=mb["input_ids"].to(accelerator.device),
-                          position_ids=mb["position_ids"].to(accelerator.device),
-                          labels=mb["labels"].to(accelerator.device), num_items_in_batch=items)
-            loss = o.loss
-            if nan_fault is not None and nan_fault.split(":")[0] == str(step + 1) and (
-                    ":" not in nan_fault or nan_fault.split(":")[1] == str(rank)):
-                loss = loss * float("nan")
-            accelerator.backward(loss)
-            loss_sum += loss.detach()
-            z_sum += o.z_loss.detach()
-            if o.logits is not None:  # per-source training loss, from logits already computed
-                with torch.no_grad():
-                    row_loss = F.cross_entropy(o.logits[:, :-1].float().transpose(1, 2),
-                                               mb["labels"][:, 1:].to(accelerator.device), reduction="none").mean(1)
-                    src = mb["source"].to(accelerator.device)
-                    per_source[0].index_add_(0, src, row_loss)
-                    per_source[1].index_add_(0, src, torch.ones_like(row_loss))
-        grad_norm = parallel.clip_grad_norm(cfg.max_grad_norm or float("inf"))
-        # Every rank reads the same global loss and norm, and a non-finite value anywhere is made
-        # non-finite everywhere, so all ranks take the same action and none is left waiting.
-        step_loss = accelerator.reduce(loss_sum, "mean").item()
-        bad = accelerator.reduce(torch.tensor(float(not math.isfinite(step_loss + grad_norm)),
-                                              device=accelerator.device), "sum").item()
-        done = step + 1
-        alerts = monitor.check_step(done, float("nan") if bad else step_loss, grad_norm)
-        severity = {"warn": 0, "skip": 1, "rollback": 2, "stop": 3}
-        action = max((policies[a.kind] for a in alerts), key=severity.__getitem__, default="apply")
-        if action == "rollback" and not complete_checkpoints(out):
-            action = "skip"  # nothing to roll back to yet
-        if action == "rollback" and rollbacks >= cfg.max_rollbacks:
-            action = "stop"
-        for a in alerts:
-            a.action = action if action != "apply" else "warn"
-            alert_log.emit(a, rows=step_rows if action in ("skip", "rollback") else None)
-        if action == "stop":
-            raise TrainingStopped(f"stopped at step {done} by alert(s) {[a.kind for a in alerts]} (see alerts.jsonl)")
-        if action in ("skip", "rollback"):
-            optimizer.zero_grad(set_to_none=True)  # the update is dropped; optimizer and scheduler untouched
-        if action == "rollback":
-            rollbacks += 1
-            checkpoint = complete_checkpoints(out)[-1]
-            parallel.load(checkpoint / "state")
-            state = json.loads((checkpoint / STATE_FILE).read_text())
-            monitor.load_state_dict(state["monitor"])
-            stream.excluded.update(step_rows)
-            data_iter = iter(loader)
-            accelerator.print(f"rolled back to {checkpoint.name}; {len(step_rows)} rows of step {done} excluded")
-            progress.n = step = state["step"]
-            continue
+        result = train_step(r, micro_batches, time.perf_counter() - t_data)
+        action = apply_alert_policy(r, result)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        if action == "rollback":
+            parallel.optimizer.zero_grad(set_to_none=True)
+            rollback(r, result)
+            data_iter, progress.n = iter(loader), r.step
+            continue
         if action != "skip":
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            monitor.accept_step(step_loss, grad_norm)
-        step_tps = n_global / (time.perf_counter() - t_step + data_wait)
-        for a in monitor.check_throughput(done, step_tps) + monitor.check_data_wait(done, data_wait):
-            a.action = policies[a.kind]
-            alert_log.emit(a)
-            if a.action == "stop":
-                raise TrainingStopped(f"stopped at step {done} by alert {a.kind} (see alerts.jsonl)")
-        window_tokens += n_global
-        step = done
+            parallel.optimizer.step()
+            r.monitor.accept_step(result.loss, result.grad_norm)
+        scheduler.step()  # a skipped step advances the schedule too
+        parallel.optimizer.zero_grad(set_to_none=True)
+        r.step += 1
         progress.update(1)
-        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            z = accelerator.reduce(z_sum, "mean").item()
-            per_source = accelerator.reduce(per_source, "sum")
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
-            last = {"loss": step_loss - z, "z_loss": z, "grad_norm": grad_norm, "lr": lr,
-                    "param_norm": parallel.parameter_norm(), "skipped": action == "skip",
-                    "tokens_per_s": tps, "mfu": tps / world * fpt / peak, "tokens": done * tokens_per_step,
-                    **{f"weight/{n}": float(w) for n, w in zip(names, stream.weights())}}
-            last.update({f"loss/{n}": (per_source[0, j] / per_source[1, j]).item()
-                         for j, n in enumerate(names) if per_source[1, j] > 0})
-            metrics_log.log(done, last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-            accelerator.print(f"step {done}/{cfg.max_steps} loss {last['loss']:.4f} z {z:.2e} "
-                              f"|g| {grad_norm:.3f} lr {last['lr']:.2e} {tps:,.0f} tok/s mfu {last['mfu']:.1%}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-            val = evaluate()
-            metrics_log.log(done, {f"val_loss/{n}": v for n, v in val.items()})
-            accelerator.print("  validation: " + ", ".join(f"{n} {v:.4f}" for n, v in val.items()))
-            if cfg.adaptive_mixture and previous_val is not None:
-                stream.adaptive_factors = adapt_factors(stream.adaptive_factors,
-                                                        np.array([previous_val[n] for n in names]),
-                                                        np.array([val[n] for n in names]), cfg.adaptive_rate)
-            previous_val = val
-            last.update({f"val_loss/{n}": v for n, v in val.items()})
-        if done % cfg.save_steps == 0 or done == cfg.max_steps:
-            save(done)
-        if fault("kill_after_step") == str(done):  # tests: kill -9 between steps
-            os.kill(os.getpid(), signal.SIGKILL)
-
+        check_speed(r, result)
+        log_step(r, result, lr, action == "skip", micro_batches)
+        if r.step % cfg.eval_steps == 0 or r.step == cfg.max_steps:
+            evaluate_and_adapt(r)
+        if r.step % cfg.save_steps == 0 or r.step == cfg.max_steps:
+            save(r)
+        kill_if("kill_after_step", r.step)  # tests: kill -9 between steps
     progress.close()
-    final_metrics = {**last, "unigram_entropy": entropy, "steps": cfg.max_steps}
-    accelerator.wait_for_everyone()
-    state_dict = parallel.full_state_dict()
-    if accelerator.is_main_process:
-        save_checkpoint(out, parallel.base_model(), tokenizer, stage="pretrain", recipe=recipe,
-                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=final_metrics,
-                        state_dict=state_dict)
-        accelerator.print(f"final loss {final_metrics.get('loss', float('nan')):.4f} vs unigram entropy "
-                          f"{entropy:.4f} nats/token; model written to {out}")
-    metrics_log.close()
-    accelerator.end_training()
-    return final_metrics
+    return save_final(r, entropy)
+
+
+def prepare_output_dir(r: Run) -> None:
+    """Clear what a killed run left half-written, start the trackers, and open the alert log."""
+    acc = r.accelerator
+    if acc.is_main_process:
+        r.out.mkdir(parents=True, exist_ok=True)
+        for stale in r.out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint killed half-written
+            shutil.rmtree(stale, ignore_errors=True)
+        if r.cfg.log_sequence_ids and r.step == 0:
+            (r.out / "sequence_ids.jsonl").unlink(missing_ok=True)
+    # Lines a killed run logged after its last checkpoint would repeat: metrics continue from it.
+    r.metrics = MetricsWriter(r.out, acc.is_main_process, resume_step=r.step if r.step else None)
+    acc.init_trackers("smolforge", config={k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                                           for k, v in r.recipe.items()})
+    wandb_run = acc.get_tracker("wandb", unwrap=True) if any(t.name == "wandb" for t in acc.trackers) else None
+    r.alerts = AlertLog(r.out / "alerts.jsonl", acc.is_main_process, acc.print, wandb_run)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,8 +10,11 @@ from typing import Literal
 
 @dataclass
 class EvaluateConfig:
-    model: list[str] = field(metadata={"help": "Checkpoint directories (or hub ids) to evaluate, side by side: "
-                                               "`--model A B` or `--model A --model B`."})
+    model_name_or_path: list[str] = field(metadata={
+        "help": "Checkpoint directories (or hub ids) to evaluate, side by side: `--model_name_or_path A B` or "
+                "`--model_name_or_path A --model_name_or_path B`."})
+    output_dir: str = field(metadata={"help": "Where results.json and results.png are written (required: no "
+                                              "default relative to the current directory)."})
     suite: str = field(default="arithmetic", metadata={"help": "Reward suite: arithmetic, gsm8k or math."})
     data_path: str | None = field(default=None, metadata={"help": "Local jsonl file for the gsm8k / math suites."})
     split: Literal["train", "test"] = field(default="test", metadata={
@@ -38,5 +41,3 @@ class EvaluateConfig:
                 "(shared/FACTS.md: the default 0.92 fails)."})
     item_timeout_s: float = field(default=5.0, metadata={
         "help": "Hard wall-clock limit per graded answer (math-verify in worker processes)."})
-    output_dir: str = field(default="eval_results", metadata={
-        "help": "Where results.json and results.png are written."})

@@ -1,7 +1,8 @@
 """Evaluate checkpoints on a reward suite, side by side.
 
-    python -m rewards.evaluate --model runs/sft --model runs/grpo --suite arithmetic
-    python -m rewards.evaluate --model runs/grpo --suite gsm8k --data_path gsm8k_test.jsonl --num_samples 8
+    python -m rewards.evaluate --model_name_or_path runs/sft runs/grpo --suite arithmetic --output_dir runs/eval
+    python -m rewards.evaluate --model_name_or_path runs/grpo --suite gsm8k --data_path gsm8k_test.jsonl \
+        --num_samples 8 --output_dir runs/eval-gsm8k
     python -m rewards.evaluate --config recipes/tiny/evaluate.yaml --backend transformers
 
 For each checkpoint: generate `num_samples` completions per prompt of the suite (vLLM when
@@ -12,46 +13,28 @@ weighted total, pass@1 and pass@k (k = num_samples, the unbiased estimator of Ch
 the truncation rate (completions that hit max_new_tokens without EOS). Prints one table with a
 column per checkpoint and writes `results.json` (summaries + every sample) and `results.png`.
 
-Both backends get the same prompt token ids, stop at the same EOS ids and are decoded by the same
-tokenizer call, so greedy decoding (`--temperature 0 --num_samples 1`) gives identical completions
-and scores (tests/test_rewards_evaluate.py). transformers batches only prompts of equal length, so
-no padding can change its numerics. Options: rewards/config.py (`--help`).
+Both backends (core/generation.py, the generation helper every stage shares) get the same prompt
+token ids, stop at the same EOS ids and are decoded by the same tokenizer call, so greedy decoding
+(`--temperature 0 --num_samples 1`) gives identical completions and scores
+(tests/test_rewards_evaluate.py). Options: rewards/config.py (`--help`).
 """
 
 import functools
-import gc
 import importlib.util
 import json
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
+from core.generation import GenerationSettings, Sample, generate_transformers, generate_vllm
 from core.recipe import parse_recipe, resolved_recipe
 from rewards.config import EvaluateConfig
 from rewards.functions import REWARD_FUNCS, compute_rewards, summarize, weighted_total
 from rewards.suites import RewardSuite, get_suite, load_rows
 from rewards.verifier_pool import configure_default_pool
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    num_samples: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One generated completion: its token ids without the EOS, and whether it ran out of tokens."""
-
-    token_ids: list[int]
-    truncated: bool
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -95,79 +78,6 @@ def eos_token_ids(model_path: str, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
-
-
-def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int], settings: GenerationSettings,
-                  kv_cache_memory_bytes: int) -> list[list[Sample]]:
-    """`num_samples` completions per prompt from an in-process (colocated) vLLM engine."""
-    # In-process, as the RL and distillation stages colocate it: no engine processes to spawn, so
-    # this works without an `if __name__ == "__main__"` guard in the caller.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from transformers import AutoConfig
-    from vllm import LLM, SamplingParams
-    from vllm.platforms import current_platform
-
-    import core.vllm
-
-    config = AutoConfig.from_pretrained(model_path)
-    if config.model_type == "smolforge":
-        core.vllm.check_servable(config)
-    llm = LLM(
-        model=model_path,
-        dtype=settings.dtype,
-        seed=settings.seed,
-        # CUDA graphs / compilation cost more than they save for an evaluation pass on CPU.
-        enforce_eager=current_platform.is_cpu(),
-        kv_cache_memory_bytes=kv_cache_memory_bytes,
-        max_model_len=max(map(len, prompts)) + settings.max_new_tokens,
-    )
-    try:
-        params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
-                                max_tokens=settings.max_new_tokens, stop_token_ids=eos_ids, seed=settings.seed)
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
-        return [[_sample(list(o.token_ids), eos_ids, settings.max_new_tokens) for o in out.outputs] for out in outputs]
-    finally:
-        del llm
-        gc.collect()
-
-
-def generate_transformers(model_path: str, prompts: list[list[int]], eos_ids: list[int],
-                          settings: GenerationSettings, batch_size: int) -> list[list[Sample]]:
-    """`num_samples` completions per prompt with `model.generate`, batching equal-length prompts."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import core  # noqa: F401  (registers the core with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=settings.dtype).eval()
-    torch.manual_seed(settings.seed)
-    greedy = settings.temperature == 0
-    sampling = {} if greedy else dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    results: list[list[Sample] | None] = [None] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for index, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(index)
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            batch = indices[start : start + batch_size]
-            input_ids = torch.tensor([prompts[i] for i in batch])
-            with torch.no_grad():
-                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=not greedy,
-                                     max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_samples,
-                                     eos_token_id=eos_ids, pad_token_id=eos_ids[0] if eos_ids else 0, **sampling)
-            generated = out[:, length:].tolist()  # (len(batch) * num_samples, new tokens), prompt-major
-            for position, index in enumerate(batch):
-                rows = generated[position * settings.num_samples : (position + 1) * settings.num_samples]
-                results[index] = [_sample(row, eos_ids, settings.max_new_tokens) for row in rows]
-    return results
-
-
-def _sample(token_ids: list[int], eos_ids: list[int], max_new_tokens: int) -> Sample:
-    """Cut at the first EOS (transformers pads finished rows with it); no EOS within the limit = truncated."""
-    for position, token in enumerate(token_ids):
-        if token in eos_ids:
-            return Sample(token_ids[:position], truncated=False)
-    return Sample(token_ids, truncated=len(token_ids) >= max_new_tokens)
 
 
 def score_samples(suite: RewardSuite, rows: list[dict], samples: list[list[Sample]], texts: list[list[str]],
@@ -215,7 +125,12 @@ def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, 
     if backend == "vllm":
         samples = generate_vllm(model_path, prompts, eos_ids, settings, config.vllm_kv_cache_memory_bytes)
     else:
-        samples = generate_transformers(model_path, prompts, eos_ids, settings, config.batch_size)
+        import core  # noqa: F401  (registers the core with the Auto classes)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=settings.dtype)
+        samples = generate_transformers(model, prompts, eos_ids, settings, config.batch_size)
+        del model
     # One decode for both backends (vLLM's incremental detokenizer may differ in whitespace).
     texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
     rewards = score_samples(suite, rows, samples, texts, conversational)
@@ -321,7 +236,7 @@ def generation_settings(config: EvaluateConfig, suite: RewardSuite) -> Generatio
 
 
 def evaluate(config: EvaluateConfig) -> dict:
-    """Evaluate every `config.model` on the suite; print the table; write results.json and results.png."""
+    """Evaluate every `config.model_name_or_path` on the suite; print the table; write results.json and results.png."""
     suite = get_suite(config.suite)
     rows = load_rows(suite, config.split, config.data_path)[: config.max_examples]
     if not rows:
@@ -329,9 +244,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     settings = generation_settings(config, suite)
     backend = resolve_backend(config.backend)
     configure_default_pool(item_timeout_s=config.item_timeout_s)
-    names = _column_names(config.model)
+    names = _column_names(config.model_name_or_path)
     results = {name: evaluate_model(path, config, suite, rows, settings, backend)
-               for name, path in zip(names, config.model)}
+               for name, path in zip(names, config.model_name_or_path)}
     print(f"suite {suite.name} ({suite.description}), split {config.split}, {len(rows)} prompts x "
           f"{settings.num_samples} samples, temperature {settings.temperature}, backend {backend}")
     print(format_table(results, settings.num_samples))
@@ -340,7 +255,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {"suite": suite.name, "split": config.split, "generation": asdict(settings),
               "config": resolved_recipe(config), "models": {n: {"path": p, **results[n]}
-                                                          for n, p in zip(names, config.model)}}
+                                                          for n, p in zip(names, config.model_name_or_path)}}
     _write_atomically(output_dir / "results.json", json.dumps(report, indent=2))
     plot_results(results, settings.num_samples, output_dir / "results.png")
     print(f"wrote {output_dir / 'results.json'} and {output_dir / 'results.png'}")
@@ -353,7 +268,7 @@ def _column_names(paths: list[str]) -> list[str]:
         names = ["/".join(Path(p).parts[-depth:]) for p in paths]
         if len(set(names)) == len(names):
             return names
-    raise ValueError(f"--model lists the same checkpoint twice: {paths}")
+    raise ValueError(f"model_name_or_path lists the same checkpoint twice: {paths}")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -379,7 +294,7 @@ def merge_repeated_flag(args: list[str], flag: str) -> list[str]:
 
 def main(args: list[str] | None = None) -> dict:
     (config,) = parse_recipe(EvaluateConfig, args=merge_repeated_flag(list(sys.argv[1:] if args is None else args),
-                                                                      "--model"))
+                                                                      "--model_name_or_path"))
     return evaluate(config)
 
 

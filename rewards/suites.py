@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.arithmetic import answer, expression, split_facts
+from core.arithmetic import answer, question, split_facts
 from rewards.functions import REWARD_FUNCS
 from rewards.math_grader import boxed_contents
 
@@ -65,7 +65,7 @@ def arithmetic_rows(split: str, data_path: str | None = None, seed: int = 0, tes
     if data_path is not None:
         raise ValueError("the arithmetic suite is generated; it takes no data_path")
     train, test = split_facts(seed, test_size)
-    return [{"prompt": f"What is {expression(f)}?", "answer": str(answer(f))} for f in (test if split == "test" else train)]
+    return [{"prompt": question(f), "answer": str(answer(f))} for f in (test if split == "test" else train)]
 
 
 def gsm8k_rows(split: str, data_path: str | None) -> list[dict]:

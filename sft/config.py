@@ -51,11 +51,15 @@ class SFTConfig(trl.SFTConfig):
                                            default_factory=lambda: ["all-linear"])
 
     # --- run control -----------------------------------------------------------------------------
-    resume: bool = _help("Continue from the newest complete checkpoint-* in output_dir.", default=False)
     generation_eval: dict[str, Any] | str | None = _help(
         "Held-out prompts to generate from before and after SFT, printing how often a generation ends with the "
         "end-of-turn token and follows the requested reasoning mode: {path, split, max_examples, max_new_tokens} "
         "(a JSON string on the command line).", default=None)
+
+    resume_from_checkpoint: str | None = _help(
+        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
+        "the path of one checkpoint (TrainingArguments' field, which Trainer scripts read the same way).",
+        default=None)
 
     # --- TRL defaults changed --------------------------------------------------------------------
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
@@ -76,6 +80,10 @@ class SFTConfig(trl.SFTConfig):
             self.use_cpu = True
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.chat_template_path is not None:
+            # TRL would install this file over `chat_template` without a word (issue 11).
+            raise ValueError(f"chat_template_path={self.chat_template_path!r}: set chat_template instead, which takes "
+                             f"a template name or a .jinja path and installs its training variant")
         super().__post_init__()
         if isinstance(self.generation_eval, str):  # from the command line, as TRL does for its dict fields
             self.generation_eval = json.loads(self.generation_eval)

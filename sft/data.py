@@ -3,9 +3,11 @@
 A source is a mapping in the recipe's `sources` list:
 
     sources:
-      - {path: "builtin:arithmetic_chat"}                     # shipped, no network
-      - {path: data/chats.jsonl, max_examples: 5000}          # .jsonl / .json / .parquet / .arrow
-      - {path: HuggingFaceTB/smoltalk, name: all, split: train}   # a Hugging Face dataset (needs network)
+      - {path: "builtin:arithmetic_chat"}                           # shipped, no network
+      - {path: data/chats.jsonl, max_rows: 5000}                    # .jsonl / .json / .parquet / .arrow
+      - {path: "hf:HuggingFaceTB/smoltalk", subset: all, split: train}  # a Hugging Face dataset (needs network)
+
+Sources are loaded by core/sources.py, the loader every stage shares (its keys are documented there).
 
 Rows follow TRL's formats (ARCHITECTURE.md): `messages` (a list of {role, content}), or `prompt` +
 `completion` (strings, or message lists). Every row is checked before the trainer is built
@@ -20,11 +22,10 @@ gets `chat_template_kwargs: {enable_thinking: ...}` to match (TRL passes that co
 template per row), so a no-think row is rendered in the template's no-think mode instead of
 training an empty think block. `mix_reasoning_modes` subsamples to a requested think fraction.
 
-Built-in data (`builtin:arithmetic_chat`): single-digit `a+b` / `a*b` questions from
-core/arithmetic.py, asked as "What is 7+5?" (the rewards suite's prompt form), answered "12" in
-no-think mode or "<think>\\nThe sum of 7 and 5 is 12.\\n</think>\\n12" in think mode, in one-
-and two-turn conversations. `split: train` uses only the training facts of `split_facts()`;
-`split: test` holds the 40 held-out facts, for evaluation only.
+Built-in data (`builtin:arithmetic_chat`, core/arithmetic.py `conversations`): single-digit `a+b` /
+`a*b` questions asked as "What is 7+5?" (the rewards suite's prompt form, `core.arithmetic.question`),
+answered "12" in no-think mode or "<think>\\nThe sum of 7 and 5 is 12.\\n</think>\\n12" in think mode,
+in one- and two-turn conversations. `split: test` holds the 40 held-out facts, for evaluation only.
 """
 
 from __future__ import annotations
@@ -32,110 +33,18 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
-from core.arithmetic import Fact, answer, expression, split_facts
+from core.sources import SourceSpec, load_rows
 
 ROLES = ("system", "user", "assistant", "tool")
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-BUILTINS = ("arithmetic_chat",)
+# The keys of core/sources.py that mean something for chat data (weights, text fields and
+# pretraining filters do not apply here: naming one is an error, not a silent no-op).
+SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
 class SFTDataError(ValueError):
     """A source or row is unusable; the message names the source, row and field."""
-
-
-@dataclass
-class SourceSpec:
-    path: str
-    split: str = "train"
-    name: str | None = None  # a Hugging Face dataset's configuration name
-    max_examples: int | None = None
-    seed: int = 0  # built-in generators only
-
-    @classmethod
-    def from_dict(cls, raw: dict, index: int) -> SourceSpec:
-        if not isinstance(raw, dict) or "path" not in raw:
-            raise SFTDataError(f"sources[{index}] must be a mapping with at least 'path', got {raw!r}")
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise SFTDataError(f"sources[{index}] ({raw['path']}): unknown keys {unknown}; "
-                               f"valid keys: {sorted(cls.__dataclass_fields__)}")
-        return cls(**raw)
-
-
-# --- built-in chat data ---------------------------------------------------------------------------
-
-def fact_question(fact: Fact) -> str:
-    return f"What is {expression(fact)}?"
-
-
-def fact_reasoning(fact: Fact) -> str:
-    # The sentence form of the pretraining `builtin:math` source, so the base model has seen it.
-    a, op, b = fact
-    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact)}."
-
-
-def fact_reply(fact: Fact, think: bool) -> str:
-    return f"<think>\n{fact_reasoning(fact)}\n</think>\n{answer(fact)}" if think else str(answer(fact))
-
-
-def arithmetic_conversations(split: str = "train", seed: int = 0) -> list[dict]:
-    """Every fact of the split once per reasoning mode (one turn), plus as many two-turn
-    conversations (random pairs, alternating modes), in a fixed shuffled order."""
-    train, test = split_facts()
-    if split not in ("train", "test"):
-        raise SFTDataError(f"builtin:arithmetic_chat has splits 'train' and 'test', not {split!r}")
-    facts = train if split == "train" else test
-    rng = random.Random(seed)
-    rows = []
-    for think in (True, False):
-        for fact in facts:
-            rows.append({"messages": [{"role": "user", "content": fact_question(fact)},
-                                      {"role": "assistant", "content": fact_reply(fact, think)}]})
-    for i in range(len(facts)):
-        first, second = rng.choice(facts), rng.choice(facts)
-        think = i % 2 == 0
-        rows.append({"messages": [{"role": "user", "content": fact_question(first)},
-                                  {"role": "assistant", "content": fact_reply(first, think)},
-                                  {"role": "user", "content": fact_question(second)},
-                                  {"role": "assistant", "content": fact_reply(second, think)}]})
-    rng.shuffle(rows)
-    return rows
-
-
-# --- loading --------------------------------------------------------------------------------------
-
-def load_source(spec: SourceSpec) -> list[dict]:
-    """The rows of one source as plain dicts (SFT data is small enough to hold in memory)."""
-    if spec.path.startswith("builtin:"):
-        kind = spec.path.removeprefix("builtin:")
-        if kind not in BUILTINS:
-            raise SFTDataError(f"unknown built-in source {spec.path!r}; built-ins: {['builtin:' + b for b in BUILTINS]}")
-        rows = arithmetic_conversations(spec.split, spec.seed)
-    else:
-        import datasets
-
-        path = Path(spec.path)
-        try:
-            if path.suffix in LOCAL_FORMATS:
-                if not path.is_file():
-                    raise SFTDataError(f"source {spec.path}: file does not exist")
-                ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-            else:
-                ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
-        except SFTDataError:
-            raise
-        except Exception as error:  # unreadable file, no network, unknown dataset: name the source
-            raise SFTDataError(f"source {spec.path}: cannot load it: {type(error).__name__}: {error}") from error
-        rows = ds.to_list()
-    if spec.max_examples is not None:
-        rows = rows[: spec.max_examples]
-    if not rows:
-        raise SFTDataError(f"source {spec.path} ({spec.split}) has no rows")
-    return rows
 
 
 def row_format(row: dict, where: str) -> str:
@@ -215,8 +124,8 @@ def load_sources(sources: list[dict], think_ratio: float | None, seed: int) -> t
         raise SFTDataError("sources is empty: give at least one data source, e.g. {path: 'builtin:arithmetic_chat'}")
     rows, origins = [], []
     for index, raw in enumerate(sources):
-        spec = SourceSpec.from_dict(raw, index)
-        loaded = load_source(spec)
+        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
+        loaded = load_rows(spec)
         for i, row in enumerate(loaded):
             where = f"source {spec.path} row {i}"
             row_format(row, where)

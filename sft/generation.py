@@ -10,12 +10,13 @@ reasoning modes (`enable_thinking` true and false) and reports
     template's generation prompt already holds the empty block);
   - answer_rate: for rows whose reference reply is known, the final answer equals it.
 
-Plain `transformers.generate` (SFT evaluates on the trainer's own model, before and after).
+Greedy `transformers.generate` through core/generation.py, the helper evaluation uses too (SFT
+evaluates the trainer's own model, before and after training).
 """
 
 from __future__ import annotations
 
-import torch
+from core.generation import GenerationSettings, generate_transformers
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -34,38 +35,28 @@ def follows_mode(text: str, think: bool) -> bool:
     return bool(reasoning.strip()) and bool(reply.strip())
 
 
-@torch.no_grad()
 def generation_check(model, tokenizer, end_of_turn: str, rows: list[dict], max_new_tokens: int = 48,
                      batch_size: int = 32) -> dict[str, float]:
     """Rates over `rows` (messages ending with the reference assistant reply) x both modes."""
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
-    device = next(model.parameters()).device
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
     counts = {"end_of_turn": 0, "mode": 0, "answer": 0, "total": 0}
-    try:
-        for think in (True, False):
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                prompts = [row["messages"][:-1] for row in chunk]
-                batch = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, enable_thinking=think,
-                                                      padding=True, return_dict=True, return_tensors="pt").to(device)
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eot_id, pad_token_id=tokenizer.pad_token_id)
-                for row, ids in zip(chunk, out[:, batch["input_ids"].shape[1]:].tolist()):
-                    stopped = eot_id in ids
-                    ids = ids[: ids.index(eot_id)] if stopped else ids
-                    text = tokenizer.decode(ids, skip_special_tokens=False).strip()
-                    reference = row["messages"][-1]["content"]
-                    counts["end_of_turn"] += stopped
-                    counts["mode"] += stopped and follows_mode(text, think)
-                    # A reference reply in the other mode still has the same final answer.
-                    counts["answer"] += stopped and final_answer(text) == final_answer(reference)
-                    counts["total"] += 1
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
+    for think in (True, False):
+        # Rendered to text, then tokenised without extra special tokens (the template writes its own),
+        # exactly as evaluation builds its prompts.
+        texts = [tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True,
+                                               enable_thinking=think) for row in rows]
+        prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        samples = generate_transformers(model, prompts, [eot_id], settings, batch_size)
+        for row, (sample,) in zip(rows, samples):
+            stopped = not sample.truncated
+            text = tokenizer.decode(sample.token_ids, skip_special_tokens=False).strip()
+            reference = row["messages"][-1]["content"]
+            counts["end_of_turn"] += stopped
+            counts["mode"] += stopped and follows_mode(text, think)
+            # A reference reply in the other mode still has the same final answer.
+            counts["answer"] += stopped and final_answer(text) == final_answer(reference)
+            counts["total"] += 1
     total = max(counts.pop("total"), 1)
     return {f"{name}_rate": value / total for name, value in counts.items()}
 

@@ -16,35 +16,37 @@ Where we deviate from TRL's SFTTrainer (all in `SFTTrainer` below or in the data
   - TRL's `compute_loss` calls a fused LM head (`add_fused_lm_head`) on the backbone, so the core's
     z-loss term is not part of the SFT loss; the NLL is summed and divided by `num_items_in_batch`,
     the trainable-token count of the whole optimizer step, so gradient accumulation is exact;
-  - `--resume true` picks the newest checkpoint-* itself; a finished output_dir is never overwritten;
+  - `--resume_from_checkpoint true` picks the newest *complete* checkpoint-* (one with trainer_state.json,
+    which the Trainer writes last); a finished output_dir is never overwritten;
   - the final save is `core.checkpoint.save_checkpoint` (with stage.json), LoRA merged into the weights;
-  - every logged step is appended to output_dir/metrics.jsonl (main process).
+  - every logged step is appended to output_dir/metrics.jsonl (core/metrics.py, main process).
 
-SMOLFORGE_FAULT=kill_after_step:N (tests only) kills the process with SIGKILL right after the
-checkpoint of step N is written, to test resume.
+SMOLFORGE_FAULT=kill_after_step:N / kill_in_checkpoint:N (tests only, core/faults.py) kill the process
+with SIGKILL right after, or in the middle of, writing the checkpoint of step N, to test resume.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import TRAINER_STATE_NAME
 
 import chat_templates
-from core.faults import fault
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.faults import FaultCallback, FaultInjectionMixin
+from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
-from .data import SourceSpec, load_source, load_sources, validate_rows
+from core.sources import SourceSpec, load_rows
+
+from .data import SOURCE_KEYS, load_sources, validate_rows
 from .generation import format_rates, generation_check
 
 
@@ -52,7 +54,7 @@ class EmptyMaskError(RuntimeError):
     """A micro-batch has no token to train on (assistant-only loss with an empty mask)."""
 
 
-class SFTTrainer(trl.SFTTrainer):
+class SFTTrainer(FaultInjectionMixin, trl.SFTTrainer):
     """TRL's SFTTrainer that refuses a micro-batch whose loss mask is empty.
 
     TRL divides by `max(count, 1)`, so such a batch trains nothing and logs a loss of 0, which looks
@@ -71,29 +73,6 @@ class SFTTrainer(trl.SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-class MetricsLog(TrainerCallback):
-    """Append each log line (with its step) to output_dir/metrics.jsonl, main process only."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with self.path.open("a") as stream:
-                stream.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class KillAfterCheckpoint(TrainerCallback):
-    """Tests: SIGKILL right after checkpoint N is saved (SMOLFORGE_FAULT=kill_after_step:N)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def load_tokenizer(cfg: SFTConfig):
     """The tokenizer with the chat template's training variant installed; returns (tokenizer, added tokens)."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
@@ -107,8 +86,10 @@ def load_tokenizer(cfg: SFTConfig):
 
 
 def load_model(cfg: SFTConfig, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, attn_implementation=cfg.attn_implementation,
-                                                 dtype=torch.float32)
+    # TRL's model_init_kwargs mean what they mean in TRL: keyword arguments of from_pretrained; ours
+    # (attention implementation, fp32 master weights) are defaults they can override.
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {})}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # New control tokens: their embeddings start at the mean of the others (transformers' default
         # mean_resizing), so the first steps do not see outlier vectors.
@@ -136,13 +117,33 @@ def peft_config(cfg: SFTConfig):
                       target_modules=targets[0] if targets == ["all-linear"] else targets)
 
 
+def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
+    """(model, full state dict or None) to save on the main process: a plain checkpoint, LoRA merged.
+
+    Under FSDP the weights are sharded: they are gathered first (collective, every rank). With LoRA
+    the gathered keys are the adapter model's, so they are loaded into an unsharded copy of it and
+    merged there; saving the gathered dict as it is would write unmerged PEFT keys (issue 11)."""
+    if not trainer.is_fsdp_enabled:
+        return (trainer.model.merge_and_unload() if cfg.use_peft else trainer.model), None
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not cfg.use_peft:
+        return trainer.model, state_dict
+    if not trainer.accelerator.is_main_process:
+        return None, None
+    from peft import get_peft_model
+
+    copy = get_peft_model(load_model(cfg, tokenizer), peft_config(cfg))
+    copy.load_state_dict(state_dict, strict=True)
+    return copy.merge_and_unload(), None
+
+
 def generation_rows(spec: dict) -> tuple[list[dict], int]:
     """The one-turn conversations of the `generation_eval` source, one per distinct question (each
     is asked in both modes; earlier turns are left out because they fix the mode of the whole chat)."""
     spec = dict(spec)
     max_new_tokens = spec.pop("max_new_tokens", 48)
     rows = {}
-    for row in load_source(SourceSpec.from_dict(spec, 0)):
+    for row in load_rows(SourceSpec.from_dict(spec, 0, keys=SOURCE_KEYS)):
         messages = row.get("messages") or []
         if [m["role"] for m in messages] == ["user", "assistant"]:
             rows.setdefault(messages[0]["content"], row)
@@ -155,7 +156,9 @@ def run(cfg: SFTConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to fine-tune (e.g. out/tiny/pretrain)")
     out = Path(cfg.output_dir)
-    resume_from = resume_point(out, get_last_checkpoint(str(out)) if out.is_dir() else None, cfg.resume)
+    # Only complete checkpoints: the Trainer writes trainer_state.json last, and get_last_checkpoint
+    # would take a half-written highest-numbered one (issue 11).
+    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
     resume_from = str(resume_from) if resume_from is not None else None
     template = chat_templates.load(cfg.chat_template)
     tokenizer, added = load_tokenizer(cfg)
@@ -169,9 +172,7 @@ def run(cfg: SFTConfig) -> dict:
     # (keep_start), and with packing bfd truncates each row to max_length.
     train_dataset = Dataset.from_list(rows)
 
-    callbacks = [MetricsLog(Path(cfg.output_dir) / "metrics.jsonl")]
-    if fault("kill_after_step") is not None:
-        callbacks.append(KillAfterCheckpoint(int(fault("kill_after_step"))))
+    callbacks = [MetricsCallback(cfg.output_dir), FaultCallback()]
 
     rates_before = None
     if cfg.generation_eval:
@@ -185,18 +186,17 @@ def run(cfg: SFTConfig) -> dict:
         f"{len(rows)} conversations ({n_think} think, {len(rows) - n_think} no-think), {sum(lengths)} tokens, "
         f"longest {max(lengths)}; template {template.name}"
         + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
+    if resume_from is not None:
+        accelerator.print(f"resuming from {resume_from}")
     if cfg.generation_eval and accelerator.is_main_process and resume_from is None:
         rates_before = generation_check(model, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
 
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
 
-    final = trainer.model
-    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-    if cfg.use_peft:
-        final = final.merge_and_unload()  # the next stage loads a plain checkpoint
-    set_stop_tokens(final, tokenizer, template.end_of_turn)
+    final, state_dict = final_model(cfg, trainer, tokenizer)
     if accelerator.is_main_process:
+        set_stop_tokens(final, tokenizer, template.end_of_turn)
         if cfg.generation_eval and not trainer.is_fsdp_enabled:
             rates_after = generation_check(final, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
             metrics.update({f"generation/{k}": v for k, v in rates_after.items()})

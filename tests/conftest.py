@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1,
-                 fsdp: bool = False, fault: str | None = None) -> subprocess.CompletedProcess:
+                 fsdp: bool = False, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m <module>` as a user would: one process, or 2 under accelerate (DDP, or FSDP2)."""
     if processes == 1:
         cmd = [sys.executable, "-m", module]
@@ -25,15 +25,15 @@ def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, 
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "recipes/accelerate_configs/fsdp2.yaml"), "--num_processes", str(processes), "-m", module]
     else:
-        # --multi_gpu on a CPU machine: torch.distributed over gloo with a real world size
-        # (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", module]
+        # The shipped DDP config (MULTI_GPU): on a CPU machine torch.distributed over gloo with a real
+        # world size (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes/accelerate_configs/ddp.yaml"), "--num_processes", str(processes), "-m", module]
     env = {**os.environ, "SMOLFORGE_FAULT": fault or ""}
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"  # 2 processes x 1 thread on 2 cores, not 2 x 2 fighting
     return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:
@@ -79,7 +79,7 @@ def tiny_model(seed: int = 0, **overrides) -> SmolForgeForCausalLM:
     return perturb_(SmolForgeForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
-PRETRAIN_SOURCES = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_documents": 3000},
+PRETRAIN_SOURCES = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 3000},
                     {"name": "prose", "path": "builtin:prose"}]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.data import MixtureSchedule, MixtureStream, PackedSource, pack_source, position_ids_from_eos
-from pretrain.sources import DataSourceError, SourceSpec, iter_documents
+from core.sources import DataSourceError, SourceSpec, iter_documents
 from pretrain.tokenizer import measure
 
 from conftest import PRETRAIN_SOURCES as SOURCES
@@ -49,7 +49,7 @@ def test_tokenizer_cli_reports_fertility(tmp_path, tokenizer_dir):
 
 
 def test_packing_keeps_document_boundaries(tokenizer, tmp_path):
-    (src,) = packed(tokenizer, tmp_path, [SourceSpec("arithmetic", "builtin:arithmetic", max_documents=200)], seq_len=128)
+    (src,) = packed(tokenizer, tmp_path, [SourceSpec(name="arithmetic", path="builtin:arithmetic", max_rows=200)], seq_len=128)
     row = torch.from_numpy(np.asarray(src.tokens[0], dtype=np.int64))[None]
     eos = tokenizer.eos_token_id
     assert (row == eos).sum() > 0
@@ -58,7 +58,7 @@ def test_packing_keeps_document_boundaries(tokenizer, tmp_path):
     assert (pos[after] == 0).all() and pos[0] == 0
     assert (pos[1:][pos[1:] != 0] == (pos[:-1] + 1)[pos[1:] != 0]).all()
     # A second call reuses the cache instead of re-tokenising.
-    again = pack_source(SourceSpec("arithmetic", "builtin:arithmetic", max_documents=200), tokenizer, 128, tmp_path)
+    again = pack_source(SourceSpec(name="arithmetic", path="builtin:arithmetic", max_rows=200), tokenizer, 128, tmp_path)
     assert again == next(tmp_path.glob("arithmetic-*"))
 
 
@@ -139,9 +139,9 @@ def test_local_formats_read(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"content": f"doc {i}"}) for i in range(3)))
     (tmp_path / "b.txt").write_text("line one\nline two\n")
     pq.write_table(pa.table({"text": ["p1", "p2"]}), tmp_path / "c.parquet")
-    assert list(iter_documents(SourceSpec("a", str(tmp_path / "a.jsonl"), text_field="content"))) == ["doc 0", "doc 1", "doc 2"]
-    assert list(iter_documents(SourceSpec("b", str(tmp_path / "b.txt")))) == ["line one", "line two"]
-    assert list(iter_documents(SourceSpec("c", str(tmp_path / "c.parquet")))) == ["p1", "p2"]
+    assert list(iter_documents(SourceSpec(name="a", path=str(tmp_path / "a.jsonl"), text_field="content"))) == ["doc 0", "doc 1", "doc 2"]
+    assert list(iter_documents(SourceSpec(name="b", path=str(tmp_path / "b.txt")))) == ["line one", "line two"]
+    assert list(iter_documents(SourceSpec(name="c", path=str(tmp_path / "c.parquet")))) == ["p1", "p2"]
 
 
 def test_stage_errors_name_the_stage():
@@ -204,3 +204,32 @@ def test_datatrove_filters_and_dedup(tmp_path):
                                                   "filters": ["gopher_repetition"]}, 0)))
     with pytest.raises(DataSourceError, match="unknown filters"):
         SourceSpec.from_dict({"name": "x", "path": "builtin:prose", "filters": ["gopher"]}, 0)
+
+
+def test_new_adaptive_factors_do_not_pay_back_the_old_deficit(tokenizer, tmp_path):
+    """Issue 11: a change of adaptive factors kept the round robin's counts, so the deficit built
+    under the old weights came back as single-source batches (steps 5-8 all prose)."""
+    sources = packed(tokenizer, tmp_path, [SourceSpec(**SOURCES[0]), SourceSpec(**SOURCES[1])])
+    s = stream(sources, None)
+    for _ in range(10):
+        s.next_step_rows()
+    s.set_adaptive_factors(np.array([2.0, 1.0]))
+    for _ in range(4):
+        rows = s.next_step_rows()
+        assert {source for source, _ in rows} == {0, 1}, rows  # every step still mixes both sources
+    state = s.state_dict()
+    assert state["adaptive_factors"] == [2.0, 1.0]
+
+
+def test_monitor_checkpoint_keeps_counters_not_thresholds():
+    """Issue 11: a resumed run restored every attribute, silently reverting changed thresholds."""
+    from pretrain.monitor import Monitor
+
+    knobs = dict(spike_warmup=2, ema_beta=0.9, grad_factor=10.0, throughput_fraction=0.5, throughput_windows=3,
+                 data_stall_seconds=30.0)
+    before = Monitor(spike_sigma=6.0, **knobs)
+    before.accept_step(1.0, 0.5)
+    after = Monitor(spike_sigma=3.0, **{**knobs, "data_stall_seconds": 5.0})
+    after.load_state_dict(json.loads(json.dumps(before.state_dict())))
+    assert (after.spike_sigma, after.data_stall_seconds) == (3.0, 5.0)
+    assert (after.seen, after.recent_losses, after.grad_mean) == (1, [1.0], 0.5)

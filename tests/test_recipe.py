@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
 import yaml
 from trl import SFTConfig
 
+from conftest import REPO
 from core.recipe import RecipeError, parse_recipe, resolved_recipe
 
 
@@ -218,3 +221,46 @@ def test_mapping_field_from_the_command_line(tmp_path):
     assert cfg.alert_policies == {"nan": "stop"}
     with pytest.raises(RecipeError, match="model_overrides"):
         parse_recipe(PretrainConfig, args=["--model_overrides", "[1, 2]"])
+
+
+# --- every shipped recipe parses (issue 11: only sft.yaml was checked) ------------------------------
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def recipe_stage(path: Path) -> str:
+    """The module a recipe is for, from its first line: `# python -m <module> --config ...` (or
+    `# accelerate launch --config_file ...` for an accelerate config)."""
+    first = path.read_text().splitlines()[0]
+    if first.startswith("# accelerate launch --config_file"):
+        return "accelerate"
+    match = re.match(r"# python -m ([\w.]+) --config", first)
+    assert match, f"{path}: the first line must say how to run it (# python -m <module> --config {path.name})"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_recipe_parses(path):
+    stage = recipe_stage(path)
+    if stage == "accelerate":
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 1
+        return
+    from core.export import ExportConfig
+    from core.sources import SourceSpec
+    from pretrain.config import PretrainConfig
+    from pretrain.tokenizer import TokenizerConfig
+    from rewards.config import EvaluateConfig
+    from sft.config import SFTConfig
+    from sft.data import SOURCE_KEYS
+
+    classes = {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
+               "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
+               "core.export": (ExportConfig, None)}
+    assert stage in classes, f"{path}: no config class known for stage {stage!r}"
+    config_class, source_keys = classes[stage]
+    (config,) = parse_recipe(config_class, args=["--config", str(path)])
+    for index, source in enumerate(vars(config).get("sources") or []):
+        SourceSpec.from_dict(source, index, keys=source_keys)

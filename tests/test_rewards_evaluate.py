@@ -71,7 +71,7 @@ def test_chat_template_is_applied_when_present_and_can_be_turned_off(checkpoints
 
 def test_two_checkpoints_side_by_side_with_pass_at_k_json_and_png(checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
-    report = main(["--model", checkpoints[0], "--model", checkpoints[1], "--suite", "arithmetic",
+    report = main(["--model_name_or_path", checkpoints[0], "--model_name_or_path", checkpoints[1], "--suite", "arithmetic",
                    "--backend", "transformers", "--num_samples", "4", "--temperature", "1.0", "--max_examples", "10",
                    "--item_timeout_s", "2", "--output_dir", str(out)])
     printed = capsys.readouterr().out
@@ -99,7 +99,7 @@ def test_two_checkpoints_side_by_side_with_pass_at_k_json_and_png(checkpoints, t
 
 def test_vllm_and_transformers_give_identical_greedy_scores(checkpoints, tmp_path):
     pytest.importorskip("vllm")
-    reports = {backend: main(["--model", checkpoints[0], *GREEDY, "--backend", backend,
+    reports = {backend: main(["--model_name_or_path", checkpoints[0], *GREEDY, "--backend", backend,
                               "--output_dir", str(tmp_path / backend)])
                for backend in ("transformers", "vllm")}
     hf, vl = (reports[b]["models"]["tiny-0"] for b in ("transformers", "vllm"))
@@ -112,15 +112,15 @@ def test_vllm_and_transformers_give_identical_greedy_scores(checkpoints, tmp_pat
 
 
 def test_command_line_entry_point_and_errors(checkpoints, tmp_path):
-    run = subprocess.run([sys.executable, "-m", "rewards.evaluate", "--model", checkpoints[0], *GREEDY,
+    run = subprocess.run([sys.executable, "-m", "rewards.evaluate", "--model_name_or_path", checkpoints[0], *GREEDY,
                           "--max_examples", "3", "--backend", "transformers", "--output_dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "pass@1" in run.stdout and (tmp_path / "results.json").is_file()
 
     with pytest.raises(ValueError, match="num_samples=4 with temperature 0"):
-        main(["--model", checkpoints[0], "--temperature", "0", "--num_samples", "4"])
+        main(["--model_name_or_path", checkpoints[0], "--temperature", "0", "--num_samples", "4", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown suite 'gsm9k'"):
-        main(["--model", checkpoints[0], "--suite", "gsm9k"])
+        main(["--model_name_or_path", checkpoints[0], "--suite", "gsm9k", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown command-line flag '--num_sample'"):
-        main(["--model", checkpoints[0], "--num_sample", "4"])
+        main(["--model_name_or_path", checkpoints[0], "--num_sample", "4", "--output_dir", str(tmp_path)])

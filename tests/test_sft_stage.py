@@ -14,10 +14,10 @@ from transformers import AutoTokenizer
 
 import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM
-from core.arithmetic import expression, split_facts
+from core.arithmetic import conversations, question, split_facts
 from core.recipe import parse_recipe
 from sft.config import SFTConfig
-from sft.data import SFTDataError, arithmetic_conversations, load_sources
+from sft.data import SFTDataError, load_sources
 from sft.train import main as sft_main
 
 from conftest import REPO, launch_stage, logged_losses, ok, write_recipe
@@ -38,7 +38,7 @@ def random_base(tmp_path_factory, tokenizer_dir) -> Path:
 
 def recipe(tmp_path: Path, base: Path, **overrides) -> Path:
     cfg = {"model_name_or_path": str(base), "chat_template": "smollm3", "max_length": 512,
-           "sources": [{"path": "builtin:arithmetic_chat", "max_examples": 48}], "think_ratio": 0.5,
+           "sources": [{"path": "builtin:arithmetic_chat", "max_rows": 48}], "think_ratio": 0.5,
            "max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
            "save_strategy": "steps", "save_steps": 3, "seed": 0}
     return write_recipe(tmp_path, {**cfg, **overrides})
@@ -59,10 +59,10 @@ def pretrained_base(tmp_path_factory, tokenizer_dir) -> Path:
     tmp = tmp_path_factory.mktemp("pretrained-base")
     r = tmp / "pretrain.yaml"
     r.write_text(yaml.safe_dump({
-        "tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "seq_len": 64,
-        "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "weight": 0.7, "max_documents": 3000},
-                    {"name": "math", "path": "builtin:math", "weight": 0.3, "max_documents": 1000}],
-        "max_steps": 80, "per_device_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "decay_steps": 20,
+        "tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "max_length": 64,
+        "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "weight": 0.7, "max_rows": 3000},
+                    {"name": "math", "path": "builtin:math", "weight": 0.3, "max_rows": 1000}],
+        "max_steps": 80, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 10, "lr_scheduler_kwargs": {"num_decay_steps": 20, "decay_type": "linear"},
         "save_steps": 80, "eval_steps": 80, "logging_steps": 20, "data_cache_dir": str(tmp / "cache")}))
     pretrain_main(["--config", str(r), "--output_dir", str(tmp / "base")])
     return tmp / "base"
@@ -93,10 +93,10 @@ def test_tiny_recipe_parses():
 
 def test_builtin_chats_hold_out_the_test_facts_and_mix_modes():
     train, test = split_facts()
-    held_out = {f"What is {expression(f)}?" for f in test}
-    questions = {m["content"] for r in arithmetic_conversations("train") for m in r["messages"] if m["role"] == "user"}
+    held_out = {question(f) for f in test}
+    questions = {m["content"] for r in conversations("train") for m in r["messages"] if m["role"] == "user"}
     assert questions and not questions & held_out
-    test_questions = {r["messages"][0]["content"] for r in arithmetic_conversations("test")}
+    test_questions = {r["messages"][0]["content"] for r in conversations("test")}
     assert test_questions == held_out
     for ratio in (0.25, 0.5, 1.0):
         rows, origins = load_sources([{"path": "builtin:arithmetic_chat"}], ratio, seed=0)
@@ -165,8 +165,8 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, straight_run):
     killed = launch(r, out, fault="kill_after_step:3")
     assert killed.returncode != 0 and (out / "checkpoint-3").is_dir() and not (out / "stage.json").exists()
     refused = launch(r, out)
-    assert refused.returncode != 0 and "pass --resume true" in refused.stderr
-    ok(launch(r, out, "--resume", "true"))
+    assert refused.returncode != 0 and "pass --resume_from_checkpoint true" in refused.stderr
+    ok(launch(r, out, "--resume_from_checkpoint", "true"))
     assert sorted(losses(out)) == list(range(1, 7))
     assert losses(out) == losses(full)  # bit-identical, step by step
     a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
@@ -174,6 +174,21 @@ def test_resume_after_kill_gives_the_same_losses(tmp_path, straight_run):
     manifest = json.loads((out / "stage.json").read_text())
     assert manifest["stage"] == "sft" and manifest["data_fingerprint"] == json.loads(
         (full / "stage.json").read_text())["data_fingerprint"]
+
+
+def test_kill_while_writing_a_checkpoint_resumes_from_the_previous_complete_one(tmp_path, straight_run):
+    """Issue 11: the Trainer writes checkpoint-6 in place; killed before its trainer_state.json, the
+    directory exists but is incomplete. Resume must take checkpoint-3, not the highest number."""
+    r, full = straight_run
+    out = tmp_path / "run"
+    killed = launch(r, out, fault="kill_in_checkpoint:6")
+    assert killed.returncode != 0 and (out / "checkpoint-6").is_dir()
+    assert not (out / "checkpoint-6" / "trainer_state.json").exists()
+    resumed = ok(launch(r, out, "--resume_from_checkpoint", "true"))
+    assert "checkpoint-3" in resumed.stdout + resumed.stderr
+    assert sorted(losses(out)) == list(range(1, 7)) and losses(out) == losses(full)
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_processes_have_world_size_two_and_match_one_process(tmp_path, straight_run):

@@ -13,7 +13,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from sft.config import SFTConfig
-from sft.data import fact_reply, tag_reasoning_mode
+from core.arithmetic import reply
+from sft.data import tag_reasoning_mode
 from sft.train import EmptyMaskError, SFTTrainer, peft_config, run
 
 
@@ -35,9 +36,9 @@ def chats(lengths: list[int]) -> list[dict]:
     rows = []
     for i, n in enumerate(lengths):
         fact = (i % 10, "+", (3 * i) % 10)
-        reply = fact_reply(fact, think=True).replace("<think>\n", "<think>\n" + "Add the digits. " * n)
+        text = reply(fact, think=True).replace("<think>\n", "<think>\n" + "Add the digits. " * n)
         rows.append(tag_reasoning_mode({"messages": [{"role": "user", "content": f"What is {i % 10}+{(3 * i) % 10}?"},
-                                                     {"role": "assistant", "content": reply}]}))
+                                                     {"role": "assistant", "content": text}]}))
     return rows
 
 
@@ -149,7 +150,7 @@ def test_stage_on_transformers_architecture_adds_chat_tokens(tmp_path, arch):
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     cfg = config(tmp_path, model_name_or_path=str(tmp_path / "base"), chat_template="smollm3", max_steps=2,
-                 per_device_train_batch_size=2, sources=[{"path": "builtin:arithmetic_chat", "max_examples": 8}])
+                 per_device_train_batch_size=2, sources=[{"path": "builtin:arithmetic_chat", "max_rows": 8}])
     run(cfg)
 
     out = tmp_path / "run"

@@ -1,0 +1,139 @@
+"""Issue 10 ("one way to do each thing") and the data-identity fixes of issue 11: one definition of
+each shared piece, HF field names with pointers from the old ones, short named loop steps."""
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from core.metrics import MetricsWriter, read_metrics
+from core.recipe import RecipeError, parse_recipe
+from core.sources import DataSourceError, SourceSpec, content_fingerprint, data_identity, load_rows
+from conftest import REPO
+
+PACKAGES = ["core", "pretrain", "sft", "rewards", "chat_templates"]
+
+
+def definitions(pattern: str) -> list[str]:
+    found = []
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if re.match(pattern, line):
+                    found.append(f"{path.relative_to(REPO)}:{number}")
+    return found
+
+
+@pytest.mark.parametrize("pattern", [
+    r"class SourceSpec\b", r"class MetricsWriter\b", r"def kill_if\b", r"def fault\b",
+    r"def generate_transformers\b", r"def question\b", r"def redacted\b", r"class \w*Metrics\w*Callback\b",
+    r"LOCAL_FORMATS = ", r"def is_secret\b",
+])
+def test_one_definition_of_each_shared_piece(pattern):
+    assert len(definitions(pattern)) == 1, definitions(pattern)
+
+
+def test_pretraining_loop_reads_as_named_steps():
+    for path in (REPO / "pretrain").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                limit = 80 if (path.name, node.name) == ("train.py", "run") else 60
+                assert length < limit, f"{path.name}:{node.name} is {length} lines"
+
+
+@pytest.mark.parametrize("old, new", [
+    ("per_device_batch_size: 4", "per_device_train_batch_size"), ("lr_scheduler: wsd", "lr_scheduler_type"),
+    ("decay_steps: 3", "lr_scheduler_kwargs.num_decay_steps"), ("decay_type: linear", "lr_scheduler_kwargs.decay_type"),
+    ("min_lr_ratio: 0.1", "lr_scheduler_kwargs.min_lr_ratio"), ("mixed_precision: bf16", "bf16"),
+    ("seq_len: 64", "max_length"), ("resume: true", "resume_from_checkpoint"),
+])
+def test_old_pretraining_names_point_to_the_new_ones(tmp_path, old, new):
+    from pretrain.config import PretrainConfig
+
+    path = tmp_path / "old.yaml"
+    path.write_text(old + "\n")
+    with pytest.raises(RecipeError, match=f"did you mean {new!r}"):
+        parse_recipe(PretrainConfig, args=["--config", str(path)])
+
+
+def test_evaluate_and_export_take_hf_names_and_need_an_output_dir():
+    from core.export import ExportConfig
+    from rewards.config import EvaluateConfig
+
+    with pytest.raises(RecipeError, match="did you mean 'model_name_or_path'"):
+        parse_recipe(EvaluateConfig, args=["--model", "a", "--output_dir", "x"])
+    with pytest.raises(RecipeError, match="output_dir"):  # required: no cwd-relative default
+        parse_recipe(EvaluateConfig, args=["--model_name_or_path", "a"])
+    (cfg,) = parse_recipe(ExportConfig, args=["--model_name_or_path", "a", "--output_dir", "b"])
+    assert (cfg.model_name_or_path, cfg.output_dir) == ("a", "b")
+
+
+def test_sft_rejects_options_that_would_do_nothing(tmp_path):
+    """Issue 11: TRL's chat_template_path would silently replace chat_template."""
+    from sft.config import SFTConfig
+
+    with pytest.raises(ValueError, match="chat_template_path.*set chat_template instead"):
+        SFTConfig(output_dir=str(tmp_path), chat_template_path="my.jinja")
+    with pytest.raises(RecipeError, match="did you mean 'resume_from_checkpoint'"):
+        parse_recipe(SFTConfig, args=["--resume", "true"])
+
+
+def test_one_source_key_set_with_stage_specific_keys_refused():
+    from sft.data import SOURCE_KEYS
+
+    with pytest.raises(DataSourceError, match=r"unknown keys \['max_documents'\]; did you mean 'max_rows'"):
+        SourceSpec.from_dict({"path": "builtin:arithmetic", "max_documents": 3}, 0)
+    with pytest.raises(DataSourceError, match="key 'weight' is not used by this stage's sources"):
+        SourceSpec.from_dict({"path": "builtin:arithmetic_chat", "weight": 2.0}, 0, keys=SOURCE_KEYS)
+    with pytest.raises(DataSourceError, match="'subset' is a Hugging Face dataset configuration"):
+        SourceSpec.from_dict({"path": "builtin:arithmetic_chat", "subset": "all"}, 0)
+    chats = load_rows(SourceSpec.from_dict({"path": "builtin:arithmetic_chat", "max_rows": 5}, 0, keys=SOURCE_KEYS))
+    assert len(chats) == 5 and chats[0]["messages"][0]["role"] == "user"
+    assert SourceSpec(path="hf:HuggingFaceTB/smoltalk").name == "smoltalk"
+
+
+def test_data_identity_follows_content_not_weight(tmp_path):
+    """Issue 11: the cache key and data_fingerprint hashed the spec, so an edited file reused a
+    stale cache, and changing only the weight re-tokenised."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"text": "one"}) + "\n")
+    spec = SourceSpec(path=str(data), name="docs")
+    before = data_identity(spec)
+    assert data_identity(SourceSpec(path=str(data), name="docs", weight=5.0)) == before
+    data.write_text(json.dumps({"text": "two"}) + "\n")  # same size, other bytes
+    assert content_fingerprint(spec) != before["content"] and data_identity(spec) != before
+
+
+def test_edited_source_is_re_tokenised(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pretrain.data import pack_source
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(f"document number {i} with some words" for i in range(40)))
+    first = pack_source(SourceSpec(path=str(data), name="docs"), tokenizer, 16, tmp_path / "cache")
+    assert pack_source(SourceSpec(path=str(data), name="docs", weight=3.0), tokenizer, 16, tmp_path / "cache") == first
+    data.write_text("\n".join(f"another text {i} entirely different" for i in range(40)))
+    assert pack_source(SourceSpec(path=str(data), name="docs"), tokenizer, 16, tmp_path / "cache") != first
+
+
+def test_tokenizer_trains_on_every_sampled_document():
+    """Issue 11: zip(*sources) cut every source to the shortest one."""
+    from pretrain.tokenizer import interleave
+
+    docs = interleave({"long": [f"l{i}" for i in range(10)], "short": ["s0", "s1"]})
+    assert len(docs) == 12 and docs[:4] == ["l0", "s0", "l1", "s1"]
+
+
+def test_metrics_continue_after_resume_without_duplicates(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    resumed = MetricsWriter(tmp_path, resume_step=3)  # killed after logging 5, resumed from checkpoint 3
+    for step in range(4, 7):
+        resumed.write(step, {"loss": float(step)})
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]

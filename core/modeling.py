@@ -215,7 +215,7 @@ class SmolForgePreTrainedModel(PreTrainedModel):
 class SmolForgeModel(SmolForgePreTrainedModel):
     def __init__(self, config: SmolForgeConfig):
         super().__init__(config)
-        use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.use_liger = use_liger = resolve_use_liger(config.use_liger_kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         if config.position_embedding == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -296,7 +296,7 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SmolForgeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.use_liger = self.model.use_liger  # resolved once, so a fallback warns once
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

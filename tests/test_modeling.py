@@ -196,9 +196,17 @@ def test_every_knob_changes_the_output(knob):
     flipped = SmolForgeForCausalLM(tiny_config(**knob)).eval()
     shared = {k: v for k, v in base.state_dict().items() if flipped.state_dict()[k].shape == v.shape}
     missing, _ = flipped.load_state_dict(shared, strict=False)
+    # Tied means one tensor for the embedding and the output head; untied means two. Checked for
+    # every knob, because the re-randomised head below would move the logits either way.
+    for model in (base, flipped):
+        tied = model.config.tie_word_embeddings
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+        assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) is tied
     if "tie_word_embeddings" in knob:
         with torch.no_grad():
             flipped.lm_head.weight.normal_(0, 0.3)
+        # A new head and the same embedding: the head really has its own storage.
+        assert torch.equal(flipped.model.embed_tokens.weight, base.model.embed_tokens.weight)
     assert (flipped(x).logits - base(x).logits).abs().max() > 1e-3
 
 

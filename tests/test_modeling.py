@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from core import SmolForgeForCausalLM
 from conftest import VOCAB, tiny_config, tiny_model
@@ -218,3 +219,46 @@ def test_nope_is_position_blind_and_low_freq_removal_keeps_dims_fixed():
                                model(x, position_ids=torch.tensor([[300]])).logits)
     half = tiny_model(rope_low_freq_removed=0.5).model.rotary_emb.inv_freq
     assert (half[:16] > 0).all() and (half[16:] == 0).all()
+
+
+def test_rotated_queries_and_keys_follow_the_rope_formula():
+    """partial_rotary_factor and rope_low_freq_removed against RoPE written out here from its formula
+    (Su et al. 2021, GPT-NeoX halves; Barbero et al. 2024 for the removed frequencies), not from our
+    `rope_frequencies`, which the HF and the vLLM model share (issue 11). The model's own q/k are read
+    where they enter attention."""
+    theta, head_dim = 100.0, 64
+    model = tiny_model(rope_low_freq_removed=0.5, rope_parameters={
+        "rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.5})
+    attn = model.model.layers[0].self_attn
+    seen = {}
+    attn.q_proj.register_forward_hook(lambda module, args, out: seen.update(q_in=out))
+    attn.k_proj.register_forward_hook(lambda module, args, out: seen.update(k_in=out))
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx == 0:
+            seen.update(q_out=query, k_out=key)
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("smolforge_test_recording_sdpa", recording_sdpa)
+    model.config._attn_implementation = "smolforge_test_recording_sdpa"
+    t = 40
+    model(torch.randint(0, VOCAB, (1, t)))
+
+    rotary_dim = head_dim // 2  # partial_rotary_factor 0.5
+    half = rotary_dim // 2  # frequency i rotates the pair of dims (i, i + half)
+    kept = half - half // 2  # rope_low_freq_removed 0.5: the lowest half of the frequencies become 0
+    position = torch.arange(t, dtype=torch.float64)[None, :, None]  # (1, T, 1): broadcast over heads
+    for name in ("q", "k"):
+        x = seen[f"{name}_in"].double().view(1, t, -1, head_dim)  # (1, T, heads, hd), before RoPE
+        expected = x.clone()
+        for i in range(half):
+            freq = theta ** (-2 * i / rotary_dim) if i < kept else 0.0
+            cos, sin = torch.cos(position * freq), torch.sin(position * freq)
+            expected[..., i] = x[..., i] * cos - x[..., i + half] * sin
+            expected[..., i + half] = x[..., i + half] * cos + x[..., i] * sin
+        got = seen[f"{name}_out"].transpose(1, 2).double()  # (1, T, heads, hd)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * x.abs().max().item())
+        # Not vacuous: the rotated pairs really moved, and the rest (removed frequencies, dims past the
+        # rotary part) is where it was.
+        assert (got[..., :kept] - x[..., :kept]).abs().max() > 0.1 * x.abs().max()
+        assert torch.equal(got[..., kept:half], x[..., kept:half]) and torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])

@@ -108,5 +108,4 @@ def test_engine_processes_serve_the_plugin_with_hf_greedy_tokens(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["client"] == "SyncMPClient"  # the engine core ran in its own process, not InprocClient
-    assert "EngineCore pid=" in run.stdout + run.stderr  # vLLM's log lines from that process
     assert result["tokens"] == hf_greedy(model)

@@ -54,7 +54,9 @@ class SmolForgeConfig(PreTrainedConfig):
     z_loss_coefficient: weight of the z-loss (mean of logsumexp(logits)^2, PaLM, Chowdhery et al.
         2022) added to the training loss; the model reports it separately as `z_loss`.
     use_liger_kernels: None picks Liger kernels on CUDA when liger-kernel is installed and plain
-        torch elsewhere; True or False overrides that choice (True fails where Liger cannot run).
+        torch elsewhere; True or False overrides that choice. An execution choice, not part of the
+        architecture: True where Liger cannot run warns and falls back to plain torch, so a checkpoint
+        saved with it loads anywhere.
     attention_dropout: dropout on attention probabilities (0 in every modern recipe).
     """
 

@@ -4,10 +4,13 @@ Liger (Hsu et al. 2024) fuses RMSNorm, SwiGLU, RoPE and linear + cross-entropy o
 cross-entropy never materialises the (tokens x vocab) logits, which is most of a small model's
 activation memory at vocab 49152. Liger only runs on CUDA tensors, so the choice is made per call
 from the tensor's device and the config switch `use_liger_kernels` (None: automatic; True/False:
-forced). Parameters are the same either way, so a checkpoint trained with Liger loads anywhere.
+forced). Parameters are the same either way, so a checkpoint trained with Liger loads anywhere: the
+switch is an execution choice, resolved when the model is built, and a True that this machine cannot
+honour falls back to plain torch with a warning instead of refusing to load (issue 11).
 """
 
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +22,19 @@ def liger_installed() -> bool:
 
 
 def resolve_use_liger(use_liger_kernels: bool | None) -> bool:
-    """Turn the config switch into a decision; a forced True that cannot hold is an error now,
-    not a crash in the first forward pass."""
-    if use_liger_kernels is None:
-        return liger_installed() and torch.cuda.is_available()
-    if use_liger_kernels and not (liger_installed() and torch.cuda.is_available()):
-        raise ValueError(
-            "use_liger_kernels=True needs a CUDA device and the liger-kernel package; "
-            "set use_liger_kernels to null (automatic) or false on this machine"
+    """Turn the config switch into this machine's decision. A forced True where Liger cannot run
+    (no CUDA device or no liger-kernel) warns and runs plain torch: the switch travels in config.json,
+    and a checkpoint trained on a GPU must still load on a laptop or in a CPU test."""
+    available = liger_installed() and torch.cuda.is_available()
+    if use_liger_kernels and not available:
+        warnings.warn(
+            "use_liger_kernels=True, but Liger kernels need a CUDA device and the liger-kernel package; "
+            "running plain torch on this machine (same parameters, same results up to float noise). "
+            "Set use_liger_kernels to null (automatic) to choose per machine without this warning",
+            stacklevel=2,
         )
-    return bool(use_liger_kernels)
+        return False
+    return available if use_liger_kernels is None else bool(use_liger_kernels)
 
 
 class RMSNorm(nn.Module):

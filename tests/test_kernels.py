@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from core import SmolForgeForCausalLM
 from core.kernels import causal_lm_loss, resolve_use_liger
@@ -18,8 +19,27 @@ def test_automatic_choice_is_torch_on_cpu():
         pytest.skip("CPU-only check")
     assert resolve_use_liger(None) is False
     assert SmolForgeForCausalLM(tiny_config()).use_liger is False
-    with pytest.raises(ValueError, match="use_liger_kernels"):
-        resolve_use_liger(True)
+    # Forced on where it cannot run: a warning naming the switch, and plain torch (issue 11).
+    with pytest.warns(UserWarning, match="use_liger_kernels=True"):
+        assert resolve_use_liger(True) is False
+
+
+def test_checkpoint_saved_with_liger_loads_and_runs_on_cpu(tmp_path):
+    """`use_liger_kernels: true` travels in config.json from a GPU run; a CPU must still load the
+    checkpoint (evaluation, export, the next stage) and compute what plain torch computes."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    model = perturb_(SmolForgeForCausalLM(tiny_config())).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "use_liger_kernels": True}))
+    with pytest.warns(UserWarning, match="use_liger_kernels=True") as caught:
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert len([w for w in caught if "use_liger_kernels" in str(w.message)]) == 1  # once per model, not per module
+    assert loaded.config.use_liger_kernels is True  # the recipe's choice is kept for the next GPU run
+    assert not any(getattr(m, "use_liger", False) for m in loaded.modules())
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(loaded(x, labels=x).loss, model(x, labels=x).loss, rtol=0, atol=0)
 
 
 def test_switch_false_overrides_automatic_choice():

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                          SmolLM3Config, SmolLM3ForCausalLM)
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
-from core import SmolForgeForCausalLM
+from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.export import ExportError, export_checkpoint, from_native, native_target, to_native
 from conftest import perturb_, tiny_config, tiny_model
 
@@ -39,6 +39,42 @@ def test_core_reproduces_native_logits(name):
     x = torch.randint(0, 256, (2, 300))  # past YaRN's original 128 positions
     diff = (core_model(x).logits - native(x).logits).abs().max().item()
     assert diff < 1e-5, f"{name}: max abs logit difference {diff}"
+
+
+def test_partial_rotary_reproduces_phi3_logits():
+    """partial_rotary_factor against an implementation that is not ours: transformers' Phi-3 rotates the
+    leading fraction of each head's dims (GPT-NeoX halves) and is otherwise Llama-shaped, with q/k/v and
+    gate/up fused into one projection each. (The vLLM test only compares two users of our own
+    `rope_frequencies`; issue 11.)"""
+    # Phi-3 has no head_dim field: hidden_size // num_attention_heads = 64.
+    shape = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=None,
+                 bos_token_id=None, eos_token_id=None)
+    rope = {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}
+    torch.manual_seed(0)
+    native = perturb_(Phi3ForCausalLM(Phi3Config(**shape, rope_parameters=dict(rope)))).eval()
+    core_model = SmolForgeForCausalLM(SmolForgeConfig(**shape, head_dim=64, rope_parameters=dict(rope))).eval()
+    assert core_model.config.rotary_dim == 32
+    weights = {}
+    for name, tensor in native.state_dict().items():
+        if name.endswith("self_attn.qkv_proj.weight"):  # rows: q (2 heads x 64), k (64), v (64)
+            prefix = name.removesuffix("qkv_proj.weight")
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split([128, 64, 64])):
+                weights[f"{prefix}{proj}.weight"] = part
+        elif name.endswith("mlp.gate_up_proj.weight"):  # rows: gate, then up (Phi3MLP's chunk(2))
+            prefix = name.removesuffix("gate_up_proj.weight")
+            weights[f"{prefix}gate_proj.weight"], weights[f"{prefix}up_proj.weight"] = tensor.chunk(2)
+        else:
+            weights[name] = tensor
+    core_model.load_state_dict(weights, strict=True)
+    x = torch.randint(0, 256, (2, 300))
+    native_logits = native(x).logits
+    diff = (core_model(x).logits - native_logits).abs().max().item()
+    assert diff < 1e-5, f"max abs logit difference {diff}"
+    # Control: rotating every dim instead moves the logits far beyond that tolerance.
+    full = SmolForgeForCausalLM(SmolForgeConfig(**shape, head_dim=64, rope_parameters={**rope, "partial_rotary_factor": 1.0}))
+    full.load_state_dict(weights, strict=True)
+    assert (full.eval()(x).logits - native_logits).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("knobs, target", [

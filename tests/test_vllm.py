@@ -1,17 +1,25 @@
 """vLLM serves the core (through the plugin entry point) with the HF model's greedy tokens."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
 
-vllm = pytest.importorskip("vllm")
+# A missing or broken vLLM fails every test here (conftest.vllm_module), it is not skipped.
+pytestmark = pytest.mark.usefixtures("vllm_module")
 
 PROMPTS = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 5, 12, 31)]
 NEW_TOKENS = 24
 
 
 def vllm_greedy(llm) -> list[list[int]]:
+    import vllm
+
     params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
@@ -56,7 +64,8 @@ def test_knobs_greedy_equals_hf(vllm_llm_factory, name, knobs):
     assert vllm_greedy(vllm_llm_factory(name, model)) == hf_greedy(model)
 
 
-def test_head_dim_rejected_by_cpu_attention_fails_naming_the_field(tmp_path):
+def test_head_dim_rejected_by_cpu_attention_fails_naming_the_field(tmp_path, vllm_module):
+    vllm = vllm_module
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -66,3 +75,37 @@ def test_head_dim_rejected_by_cpu_attention_fails_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match="head_dim=16"):
         vllm.LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
                  kv_cache_memory_bytes=64 << 20, max_model_len=256)
+
+
+# Run as a separate Python process: whether vLLM starts engine processes is read from the environment
+# once per process, and the rest of the test session runs vLLM in-process (conftest.vllm_llm_factory).
+# The script does not import `core`: the frontend and each engine process find the architecture only
+# through the `vllm.general_plugins` entry point, as a user's `vllm.LLM(model=dir)` would.
+ENGINE_PROCESS_SCRIPT = """
+import json, sys
+import vllm
+
+if __name__ == "__main__":  # engine processes may be spawned (shared/FACTS.md)
+    path, prompts, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    llm = vllm.LLM(model=path, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
+                   kv_cache_memory_bytes=64 << 20, max_model_len=512, seed=0)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                  "client": type(llm.llm_engine.engine_core).__name__}), flush=True)
+"""
+
+
+def test_engine_processes_serve_the_plugin_with_hf_greedy_tokens(tmp_path):
+    """The multi-process path the README promises (VLLM_ENABLE_V1_MULTIPROCESSING=1, vLLM's default):
+    the model is built inside an engine process that registered the core through the plugin."""
+    model = tiny_model(seed=3, qk_norm=True, no_rope_layer_interval=2)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "serve.py").write_text(ENGINE_PROCESS_SCRIPT)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    run = subprocess.run([sys.executable, str(tmp_path / "serve.py"), str(tmp_path / "model"), json.dumps(PROMPTS),
+                          str(NEW_TOKENS)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["client"] == "SyncMPClient"  # the engine core ran in its own process, not InprocClient
+    assert result["tokens"] == hf_greedy(model)

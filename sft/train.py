@@ -34,7 +34,7 @@ import torch
 import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)

@@ -36,6 +36,21 @@ def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, 
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
+def stage_configs() -> dict[str, tuple[type, tuple | None]]:
+    """Each launchable module's recipe dataclass, and the source keys it reads (None: all), for the
+    tests that parse every recipe and every README command."""
+    from core.export import ExportConfig
+    from pretrain.config import PretrainConfig
+    from pretrain.tokenizer import TokenizerConfig
+    from rewards.config import EvaluateConfig
+    from sft.config import SFTConfig
+    from sft.data import SOURCE_KEYS
+
+    return {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
+            "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
+            "core.export": (ExportConfig, None)}
+
+
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:
     """A numbered recipe YAML in tmp_path (a test may write several into one directory)."""
     import yaml

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from trl import SFTConfig
 
-from conftest import REPO
+from conftest import REPO, stage_configs
 from core.recipe import RecipeError, parse_recipe, resolved_recipe
 
 
@@ -248,17 +248,9 @@ def test_every_recipe_parses(path):
         config = load_config_from_file(str(path))
         assert config.num_processes >= 1
         return
-    from core.export import ExportConfig
     from core.sources import SourceSpec
-    from pretrain.config import PretrainConfig
-    from pretrain.tokenizer import TokenizerConfig
-    from rewards.config import EvaluateConfig
-    from sft.config import SFTConfig
-    from sft.data import SOURCE_KEYS
 
-    classes = {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
-               "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-               "core.export": (ExportConfig, None)}
+    classes = stage_configs()
     assert stage in classes, f"{path}: no config class known for stage {stage!r}"
     config_class, source_keys = classes[stage]
     (config,) = parse_recipe(config_class, args=["--config", str(path)])

@@ -68,15 +68,27 @@ def in_a_thread_that_ends(fn):
 
 
 def test_a_pool_started_from_a_thread_that_exits_still_grades(monkeypatch):
-    # Workers die with their parent *thread* (PR_SET_PDEATHSIG): started by the thread that made the
-    # pool, they were killed when it ended, and every later item came back as an error.
+    # Workers die with their parent *thread* (PR_SET_PDEATHSIG, armed by each worker as it starts):
+    # started by the thread that made or used the pool, they were killed when it ended, and every
+    # later item came back as an error.
     monkeypatch.setenv("SMOLFORGE_FAULT", f"grading_hang:{HANG}")
-    pool = in_a_thread_that_ends(lambda: VerifierPool(num_workers=2, item_timeout_s=ITEM_TIMEOUT_S))
+
+    def start_and_use():
+        pool = VerifierPool(num_workers=2, item_timeout_s=ITEM_TIMEOUT_S)
+        # Graded here, so both workers are running (and armed) before this thread ends.
+        assert pool.grade_batch([("1", "1"), ("2", "2")]) == [Outcome("ok", 1.0)] * 2
+        return pool
+
+    pool = in_a_thread_that_ends(start_and_use)
     try:
         assert pool.grade_batch([("12", "The answer is 12."), ("12", "\\boxed{13}")]) \
             == [Outcome("ok", 1.0), Outcome("ok", 0.0)]
-        # A worker replaced from a short-lived thread (after a timeout) survives that thread too.
-        assert in_a_thread_that_ends(lambda: pool.grade_batch([("1", HANG)])) == [Outcome("timeout")]
+
+        def replace_a_worker():
+            # A timeout replaces a worker from this thread; the next batch waits for the replacement.
+            return pool.grade_batch([("1", HANG)]) + pool.grade_batch([("1", "1"), ("2", "2")])
+
+        assert in_a_thread_that_ends(replace_a_worker) == [Outcome("timeout"), Outcome("ok", 1.0), Outcome("ok", 1.0)]
         assert pool.grade_batch([("3", "\\boxed{3}"), ("4", "$4$"), ("5", "5")]) == [Outcome("ok", 1.0)] * 3
         assert pool.errors_total == 0
     finally:

@@ -14,7 +14,8 @@ Reading the text (gold and completion alike, before math-verify sees it):
   1. Gold answers are parsed as LaTeX (wrapped in `\\boxed{}` unless they already carry `$` or
      `\\boxed`). Parsed as plain text, math-verify's expression regex stops at the first letter, so
      a gold `1+1/e` became `1` and matched any completion answering `1-1/e`.
-  2. `\\sqrt(2)` becomes `\\sqrt{2}`: math-verify dropped the malformed root (`4\\sqrt(2)` read 4).
+  2. `\\sqrt(2)` becomes `\\sqrt{2}`: math-verify dropped the malformed root (`4\\sqrt(2)` read 4);
+     an escaped currency sign before a number (`\\$18.90`) is dropped: math-verify found no number after it.
   3. A full stop, comma or colon that ends a maths span is punctuation of the sentence, not maths:
      it is moved out (`$2^{10}.$` -> `$2^{10}$.`). Inside, it made the LaTeX unparseable, and
      math-verify's number regex then read `2` out of `2^{10}`, `1` out of `1/3`, `3` out of `3\\sqrt{2}`.
@@ -74,6 +75,8 @@ _SENTENCE_END = re.compile(r"\.(?!\d)|[\n?;]")
 _SQRT_WITH_PARENS = re.compile(r"\\sqrt\s*\(([^()]*)\)")
 # Sentence punctuation (and LaTeX spacing) at the end of a maths span's content.
 _TRAILING_PUNCTUATION = re.compile(r"(?:\s|\\[,;:! ]|\\q?quad\b|~|(?<!\\)[.,;:])+$")
+# `\$18.90` in text: math-verify reads a bare `$18.90` (currency) but nothing after a backslash.
+_ESCAPED_CURRENCY = re.compile(r"\\\$(?=\s*\d)")
 _UPRIGHT_CONSTANT = re.compile(r"\\(?:mathrm|text|rm|operatorname)\s*\{\s*([ei])\s*\}|\{\\rm\s+([ei])\}")
 # `4 4/9`: an integer, a space, a proper-looking fraction; not inside a longer number or fraction.
 _MIXED_NUMBER = re.compile(r"(?<![\d.,/^_])(\d{1,6})[ \t]+(\d{1,6})[ \t]*/[ \t]*(\d{1,6})(?![\d/^]|\.\d)")
@@ -195,11 +198,26 @@ def _unparseable_maths(text: str, timeout_s: int) -> bool:
 
 
 def _numbers_agree(gold, answer) -> bool:
-    """Stricter numeric check (deviation 7): True unless both are numbers that really differ."""
+    """Stricter numeric check (deviation 7): True unless both are numbers that really differ.
+
+    A percentage agrees by its value (`50\\%` and 0.5) or by its number (`100\\%` for a gold 100,
+    asked "what percent"), as in math-verify."""
     if not (isinstance(gold, sympy.Expr) and isinstance(answer, sympy.Expr)):
         return True  # sets, relations, strings: math-verify's structural comparison stands
     if gold.free_symbols or answer.free_symbols:
         return True
+    return any(_values_agree(g, a) for g in _readings(gold) for a in _readings(answer))
+
+
+def _readings(expr: sympy.Expr) -> list[sympy.Expr]:
+    """The value; and for a percentage (math-verify's `n * UnevaluatedExpr(1/100)`) also its number n."""
+    percent = sympy.UnevaluatedExpr(sympy.Rational(1, 100))
+    if isinstance(expr, sympy.Mul) and len(expr.args) == 2 and percent in expr.args:
+        return [expr, next(arg for arg in expr.args if arg != percent)]
+    return [expr]
+
+
+def _values_agree(gold: sympy.Expr, answer: sympy.Expr) -> bool:
     gold_value, answer_value = gold.doit(), answer.doit()
     if gold_value.has(sympy.zoo, sympy.nan) or answer_value.has(sympy.zoo, sympy.nan):
         return True  # not a number sympy can compare (`12:00` reads 12/00): math-verify compared strings
@@ -212,9 +230,8 @@ def _numbers_agree(gold, answer) -> bool:
         return bool(gold_number == answer_number)  # oo, -oo: only equal to themselves
     difference = abs(gold_number - answer_number)
     scale = max(abs(gold_number), abs(answer_number))
-    comparison = difference <= RELATIVE_TOLERANCE * scale
     # A comparison sympy cannot decide stays unevaluated: that is no disagreement either.
-    return comparison is not sympy.false
+    return (difference <= RELATIVE_TOLERANCE * scale) is not sympy.false
 
 
 def _gold_as_latex(gold: str) -> str:
@@ -228,6 +245,7 @@ def _repair_latex(text: str, delimit: bool = False) -> str:
     """Deviations 2-5 (see the module docstring), applied to gold and completion alike; and with
     `delimit`, deviation 6 for free text (a gold or a box is LaTeX already)."""
     text = _SQRT_WITH_PARENS.sub(r"\\sqrt{\1}", text)
+    text = _ESCAPED_CURRENCY.sub("", text)
     text = _UPRIGHT_CONSTANT.sub(lambda m: m.group(1) or m.group(2), text)
     text = _MIXED_NUMBER.sub(_mixed_number_as_fraction, text)
     pieces, position = [], 0

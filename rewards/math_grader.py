@@ -15,7 +15,8 @@ Reading the text (gold and completion alike, before math-verify sees it):
      `\\boxed`). Parsed as plain text, math-verify's expression regex stops at the first letter, so
      a gold `1+1/e` became `1` and matched any completion answering `1-1/e`.
   2. `\\sqrt(2)` becomes `\\sqrt{2}`: math-verify dropped the malformed root (`4\\sqrt(2)` read 4);
-     an escaped currency sign before a number (`\\$18.90`) is dropped: math-verify found no number after it.
+     an escaped currency sign before a number (`\\$18.90`) is dropped: math-verify found no number after it;
+     a thin space between digit groups (`10\\,000`) is a thousands separator: math-verify read 10 x 000.
   3. A full stop, comma or colon that ends a maths span is punctuation of the sentence, not maths:
      it is moved out (`$2^{10}.$` -> `$2^{10}$.`). Inside, it made the LaTeX unparseable, and
      math-verify's number regex then read `2` out of `2^{10}`, `1` out of `1/3`, `3` out of `3\\sqrt{2}`.
@@ -77,6 +78,8 @@ _SQRT_WITH_PARENS = re.compile(r"\\sqrt\s*\(([^()]*)\)")
 _TRAILING_PUNCTUATION = re.compile(r"(?:\s|\\[,;:! ]|\\q?quad\b|~|(?<!\\)[.,;:])+$")
 # `\$18.90` in text: math-verify reads a bare `$18.90` (currency) but nothing after a backslash.
 _ESCAPED_CURRENCY = re.compile(r"\\\$(?=\s*\d)")
+# `10\,000`: a thin space between digit groups is a thousands separator (math-verify read 10 000 as 10*000).
+_THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)\\,(?=\d{3}(?!\d))")
 _UPRIGHT_CONSTANT = re.compile(r"\\(?:mathrm|text|rm|operatorname)\s*\{\s*([ei])\s*\}|\{\\rm\s+([ei])\}")
 # `4 4/9`: an integer, a space, a proper-looking fraction; not inside a longer number or fraction.
 _MIXED_NUMBER = re.compile(r"(?<![\d.,/^_])(\d{1,6})[ \t]+(\d{1,6})[ \t]*/[ \t]*(\d{1,6})(?![\d/^]|\.\d)")
@@ -246,6 +249,7 @@ def _repair_latex(text: str, delimit: bool = False) -> str:
     `delimit`, deviation 6 for free text (a gold or a box is LaTeX already)."""
     text = _SQRT_WITH_PARENS.sub(r"\\sqrt{\1}", text)
     text = _ESCAPED_CURRENCY.sub("", text)
+    text = _THIN_SPACE_THOUSANDS.sub("", text)
     text = _UPRIGHT_CONSTANT.sub(lambda m: m.group(1) or m.group(2), text)
     text = _MIXED_NUMBER.sub(_mixed_number_as_fraction, text)
     pieces, position = [], 0

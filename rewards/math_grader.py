@@ -54,6 +54,7 @@ its plain-expression path hands sympy's `parse_expr` only a regex match made of 
 whitespace and `+-*/^()×÷` (math_verify/parser.py, `lazy_expr_regex`), never names or calls.
 """
 
+import bisect
 import re
 
 import sympy
@@ -74,8 +75,8 @@ _MATHS_SPAN = re.compile(r"\$\$.+?\$\$|(?<!\\)\$(?:\\\$|[^$\n])+?(?<!\\)\$|\\\[.
 # "!" is not one either (it is also the factorial: "1/2004!").
 _SENTENCE_END = re.compile(r"\.(?!\d)|[\n?;]")
 _SQRT_WITH_PARENS = re.compile(r"\\sqrt\s*\(([^()]*)\)")
-# Sentence punctuation (and LaTeX spacing) at the end of a maths span's content.
-_TRAILING_PUNCTUATION = re.compile(r"(?:\s|\\[,;:! ]|\\q?quad\b|~|(?<!\\)[.,;:])+$")
+# Sentence punctuation (and LaTeX spacing) that can end a maths span's content; longest first.
+_TRAILING_PUNCTUATION = ("\\qquad", "\\quad", "\\,", "\\;", "\\:", "\\!", "\\ ", "~", ".", ",", ";", ":")
 # `\$18.90` in text: math-verify reads a bare `$18.90` (currency) but nothing after a backslash.
 _ESCAPED_CURRENCY = re.compile(r"\\\$(?=\s*\d)")
 # `10\,000`: a thin space between digit groups is a thousands separator (math-verify read 10 000 as 10*000).
@@ -279,8 +280,17 @@ def _move_punctuation_out(span: str) -> str:
 
 
 def _strip_trailing_punctuation(content: str) -> str:
-    # Not a closing `\}` or a lone `.` ("$.$" is nothing to keep)
-    return _TRAILING_PUNCTUATION.sub("", content) or content
+    """`content` without the punctuation and spacing at its end (a loop, not a regex anchored at the
+    end: that one backtracked quadratically on long runs of spaces)."""
+    stripped = content.rstrip()
+    while True:
+        for token in _TRAILING_PUNCTUATION:
+            # A one-character token escaped by a backslash is a command (`\.`, `\;`), not punctuation.
+            if stripped.endswith(token) and not (len(token) == 1 and stripped.endswith("\\" + token)):
+                stripped = stripped[: -len(token)].rstrip()
+                break
+        else:
+            return stripped or content  # "$.$" has nothing else to keep
 
 
 def _delimit_bare_maths(text: str) -> str:
@@ -303,9 +313,13 @@ def _delimit_bare_maths(text: str) -> str:
 
 def _sentences(text: str) -> list[str]:
     """Non-empty sentences; a full stop inside a maths span does not end one."""
-    protected = [(span.start(), span.end()) for span in _MATHS_SPAN.finditer(text)]
-    cuts = [end.start() for end in _SENTENCE_END.finditer(text)
-            if not any(start <= end.start() < stop for start, stop in protected)]
+    spans = [(span.start(), span.end()) for span in _MATHS_SPAN.finditer(text)]
+    starts = [start for start, _ in spans]
+    cuts = []
+    for end in _SENTENCE_END.finditer(text):
+        inside = bisect.bisect_right(starts, end.start()) - 1  # the last span starting at or before it
+        if inside < 0 or end.start() >= spans[inside][1]:
+            cuts.append(end.start())
     bounds = zip([0, *(cut + 1 for cut in cuts)], [*cuts, len(text)])
     return [text[start:stop].strip() for start, stop in bounds if text[start:stop].strip()]
 

@@ -55,11 +55,14 @@ whitespace and `+-*/^()×÷` (math_verify/parser.py, `lazy_expr_regex`), never n
 """
 
 import bisect
+import logging
 import re
 
 import sympy
 from latex2sympy2_extended.logic import And
 from math_verify import LatexExtractionConfig, parse, verify
+
+logger = logging.getLogger(__name__)
 
 # Relative tolerance for numeric answers that are not both rational (e.g. a gold `\frac{1}{3}` and an
 # answer `0.333333`, off by 1e-6 relative: six significant digits pass, as math-verify's rounding meant).
@@ -210,7 +213,13 @@ def _numbers_agree(gold, answer) -> bool:
         return True  # sets, relations, strings: math-verify's structural comparison stands
     if gold.free_symbols or answer.free_symbols:
         return True
-    return any(_values_agree(g, a) for g in _readings(gold) for a in _readings(answer))
+    try:
+        return any(_values_agree(g, a) for g in _readings(gold) for a in _readings(answer))
+    except (TypeError, ValueError, ArithmeticError) as error:
+        # A sympy failure in this extra check must not turn a verdict into a worker error (None for
+        # every answer to that gold, issue 12: "Invalid NaN comparison"); math-verify's verdict stands.
+        logger.warning("numeric check failed on %r vs %r (%s); keeping math-verify's verdict", gold, answer, error)
+        return True
 
 
 def _readings(expr: sympy.Expr) -> list[sympy.Expr]:

@@ -213,3 +213,23 @@ def test_recall_on_correct_answers_is_at_least_math_verifys(verdicts):
     assert missed == []
     # And not trivially: math-verify misses some of the correct answers we accept.
     assert sum(not math_verify_accepts(*pair) for pair in correct) >= 10
+
+
+ODD_ANSWERS = ["\\infty", "-\\infty", "12:00", "\\frac{0}{0}", "1/0", "\\text{undefined}", "\\emptyset",
+               "\\mathbb{R}", "x \\in \\mathbb{R}", "\\pm 2", "i^2", "\\sqrt{-1}", "10^{-100}", "\\ln 0",
+               "\\int_0^1 x\\,dx", "\\sum_{k=1}^{n} k", "a \\leq b", "x \\neq 3", "3!", "\\binom{5}{2}",
+               "\\lfloor 2.5 \\rfloor", "|{-3}|", "\\overline{AB}", "\\angle ABC", "90^\\circ", "0.\\overline{3}"]
+
+
+def test_odd_answers_are_graded_and_never_crash_the_worker():
+    """Issue 12 item 3: every answer gets a verdict; each odd answer against itself is right (or its
+    gold cannot be parsed), never an error that leaves a correct answer unscorable."""
+    pairs = [(gold, f"The answer is ${answer}$.") for gold in ODD_ANSWERS for answer in (gold, ODD_ANSWERS[0])]
+    pool = VerifierPool(num_workers=2, item_timeout_s=5.0)
+    try:
+        outcomes = pool.grade_batch(pairs)
+    finally:
+        pool.close()
+    assert [(pair, o) for pair, o in zip(pairs, outcomes) if o.status != "ok"] == []
+    itself = {gold: outcome.value for (gold, answer), outcome in zip(pairs, outcomes) if gold in answer}
+    assert {gold: value for gold, value in itself.items() if value not in (1.0, None)} == {}

@@ -26,36 +26,40 @@ ITEM_TIMEOUT_S = 1.5
 HANG = "HANG-ON-THIS"
 
 
-def worker_pids() -> set[int]:
+def worker_pids(excluding: set[int] = frozenset()) -> set[int]:
+    """The pids of this process's live grading workers, less `excluding` (other pools of this process,
+    e.g. the default one that other test files configure, run the same command)."""
     return {child.pid for child in psutil.Process().children()
-            if "rewards.grading_worker" in " ".join(child.cmdline())}
+            if "rewards.grading_worker" in " ".join(child.cmdline()) and child.pid not in excluding}
 
 
 @pytest.fixture
 def hanging_pool(monkeypatch):
     """One worker that hangs, ignoring signals, on any completion containing HANG."""
     monkeypatch.setenv("SMOLFORGE_FAULT", f"grading_hang:{HANG}")
+    others = worker_pids()
     pool = VerifierPool(num_workers=1, item_timeout_s=ITEM_TIMEOUT_S)
     assert pool.grade_batch([("1", "1")]) == [Outcome("ok", 1.0)]  # started and ready: clocks measure grading
-    yield pool
+    yield pool, others
     pool.close()
 
 
 def test_a_worker_that_ignores_signals_is_killed_at_the_item_limit_and_replaced(hanging_pool):
-    (before,) = worker_pids()
+    pool, others = hanging_pool
+    (before,) = worker_pids(others)
     start = time.monotonic()
-    outcomes = hanging_pool.grade_batch([("1", f"{HANG} 1")])
+    outcomes = pool.grade_batch([("1", f"{HANG} 1")])
     elapsed = time.monotonic() - start
     # The pool's deadline ends the item, not math-verify's signal timeout (the worker ignores signals)
     # and not the batch budget (2 x the item limit here): made infinite, this would take 3 s and say "budget".
     assert outcomes == [Outcome("timeout")]
-    assert ITEM_TIMEOUT_S <= elapsed < ITEM_TIMEOUT_S + 0.5, elapsed
+    assert ITEM_TIMEOUT_S <= elapsed < ITEM_TIMEOUT_S + 1.0, elapsed  # kill + a Popen, with room for a busy CI
     assert not psutil.pid_exists(before) or psutil.Process(before).status() == psutil.STATUS_ZOMBIE
-    (after,) = worker_pids()
+    (after,) = worker_pids(others)
     assert after != before
-    assert hanging_pool.timeouts_total == 1
+    assert pool.timeouts_total == 1
     # The replacement grades.
-    assert hanging_pool.grade_batch([("2", "\\boxed{2}"), ("2", "\\boxed{3}")]) == [Outcome("ok", 1.0), Outcome("ok", 0.0)]
+    assert pool.grade_batch([("2", "\\boxed{2}"), ("2", "\\boxed{3}")]) == [Outcome("ok", 1.0), Outcome("ok", 0.0)]
 
 
 def in_a_thread_that_ends(fn):
@@ -96,10 +100,11 @@ def test_a_pool_started_from_a_thread_that_exits_still_grades(monkeypatch):
 
 
 def test_a_batch_of_errors_is_loud(caplog):
+    others = worker_pids()
     pool = VerifierPool(num_workers=1, item_timeout_s=ITEM_TIMEOUT_S)
     try:
         assert pool.grade_batch([("1", "1")]) == [Outcome("ok", 1.0)]
-        (pid,) = worker_pids()
+        (pid,) = worker_pids(others)
         psutil.Process(pid).kill()  # dies while idle: its next item is an error
         psutil.Process(pid).wait()
         with caplog.at_level(logging.WARNING, logger="rewards.verifier_pool"), \

@@ -18,12 +18,22 @@ score this one" (e.g. an unparseable gold answer), never a silent 0 or 1.
 function; NaN becomes None) and `summarize` gives means that exclude `None` and count it.
 Functions with knobs take them as keyword arguments with defaults; a suite binds other values
 (`rewards.suites.RewardSuite.reward_kwargs`).
+
+TRL's own rewards (`trl.rewards`) are used where they are the same thing: `soft_overlong_punishment`,
+`repetition_penalty` and `think_format` call them. Ours differ on purpose where TRL's would grade
+differently: `accuracy` (and `cosine_scaled`, built on it) grade in the verifier pool with
+`rewards.math_grader`, because TRL's `accuracy_reward` runs math-verify in the calling process (no
+time limit outside the main thread, so a `9^9^9^9` completion stalls the trainer, FACTS.md) and
+inherits its false positives; `format` wants the whole `<think>` + `<answer>` template, TRL's
+`think_format_reward` only the think block.
 """
 
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment, think_format_reward
 
 from rewards.math_grader import boxed_contents
 from rewards.verifier_pool import default_pool
@@ -55,6 +65,12 @@ def accuracy(completions: Sequence, answer: Sequence, **columns) -> list[float |
     )
     return [outcome.value if outcome.status == "ok" else 0.0 if outcome.status == "timeout" else None
             for outcome in outcomes]
+
+
+def think_format(completions: Sequence, **columns) -> list[float | None]:
+    """1.0 if the completion starts with one `<think>...</think>` block (TRL's `think_format_reward`;
+    what follows is not checked), else 0.0."""
+    return think_format_reward([[{"role": "assistant", "content": completion_text(c)}] for c in completions])
 
 
 def think_answer_format(completions: Sequence, **columns) -> list[float | None]:
@@ -117,7 +133,11 @@ def cosine_scaled(
 ) -> list[float | None]:
     """Accuracy scaled by length on a cosine (Yeo et al. 2025, "Demystifying Long Chain-of-Thought
     Reasoning in LLMs", eq. 1; open-r1's `get_cosine_scaled_reward`, same defaults): short correct
-    answers earn most, long wrong ones lose least. None where `accuracy` is None."""
+    answers earn most, long wrong ones lose least. None where `accuracy` is None.
+
+    The formula is TRL's `get_cosine_scaled_reward`; not called, because that one grades with TRL's
+    in-process `accuracy_reward` (see the module docstring), and it needs `completion_ids`.
+    """
     correct = accuracy(completions, answer)
     rewards: list[float | None] = []
     for is_correct, length in zip(correct, completion_lengths(completions, completion_ids)):
@@ -139,40 +159,31 @@ def soft_overlong_punishment(
     completion_ids: Sequence | None = None,
     **columns,
 ) -> list[float | None]:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_completion_len -
-    soft_punish_cache, then falling linearly to -1 at max_completion_len, and -1 beyond."""
-    rewards: list[float | None] = []
-    for length in completion_lengths(completions, completion_ids):
-        if length <= max_completion_len - soft_punish_cache:
-            rewards.append(0.0)
-        elif length <= max_completion_len:
-            rewards.append((max_completion_len - soft_punish_cache - length) / soft_punish_cache)
-        else:
-            rewards.append(-1.0)
-    return rewards
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), TRL's `get_soft_overlong_punishment`:
+    0 up to max_completion_len - soft_punish_cache, then falling linearly to -1 at max_completion_len,
+    and -1 beyond. Lengths in tokens when TRL passes `completion_ids`, else in characters."""
+    # TRL's function only takes len() of each item: the texts stand in for token ids when there are none.
+    lengths_of = completion_ids if completion_ids is not None else [completion_text(c) for c in completions]
+    return get_soft_overlong_punishment(max_completion_len, soft_punish_cache)(lengths_of)
 
 
 def repetition_penalty(
-    completions: Sequence, *, ngram_size: int = 3, max_penalty: float = -1.0, **columns
+    completions: Sequence, *, ngram_size: int = 3, max_penalty: float = -1.0,
+    completion_ids: Sequence | None = None, **columns
 ) -> list[float | None]:
-    """max_penalty x the fraction of repeated word n-grams (open-r1's `get_repetition_penalty_reward`,
-    after Yeo et al. 2025, appendix C.2): 0 for text without repeats, max_penalty for one n-gram
-    repeated throughout. Completions shorter than one n-gram score 0."""
-    if max_penalty > 0:
-        raise ValueError(f"repetition_penalty: max_penalty={max_penalty} must be <= 0 (it is a penalty)")
-    rewards: list[float | None] = []
-    for completion in completions:
-        words = completion_text(completion).lower().split()
-        ngrams = [tuple(words[i : i + ngram_size]) for i in range(len(words) - ngram_size + 1)]
-        penalty = (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty if ngrams else 0.0
-        rewards.append(penalty + 0.0)  # + 0.0 turns -0.0 (no repeats x a negative max) into 0.0
-    return rewards
+    """max_penalty x the fraction of repeated n-grams (Yeo et al. 2025, appendix C.2), TRL's
+    `get_repetition_penalty_reward`: 0 for text without repeats, max_penalty for one n-gram repeated
+    throughout, 0 for completions shorter than one n-gram. N-grams of tokens when TRL passes
+    `completion_ids` (as TRL and the paper do), else of lower-cased words (as open-r1 does)."""
+    items = completion_ids if completion_ids is not None else [completion_text(c).lower().split() for c in completions]
+    return get_repetition_penalty_reward(ngram_size, max_penalty)(items)
 
 
 # The one table of reward functions by name (open-r1's REWARD_FUNCS_REGISTRY, as a plain dict).
 REWARD_FUNCS: dict[str, RewardFunction] = {
     "accuracy": accuracy,
     "format": think_answer_format,
+    "think_format": think_format,
     "boxed_format": boxed_format,
     "tag_count": tag_count,
     "reasoning_steps": reasoning_steps,

@@ -6,14 +6,21 @@ Protocol, one JSON line per message: the worker writes {"status": "ready"} once 
 imported; then for each `[gold, completion]` line on stdin it writes one outcome line,
 {"status": "ok", "value": 1.0 | 0.0 | null} or {"status": "error", "error": "..."}. It exits at
 end of input. The pool enforces the time limit by killing this process.
+
+Test fault (core/faults.py): SMOLFORGE_FAULT="grading_hang:MARKER" makes the worker ignore every
+signal it can and hang on any completion that contains MARKER, so that only the pool's SIGKILL
+can end the item (tests/test_rewards_pool.py).
 """
 
 import ctypes
+import importlib.util
 import json
 import math
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 
 def _die_with_parent() -> None:
@@ -29,6 +36,24 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _fault_switch():
+    """`core.faults.fault`, loaded from its file: importing the `core` package imports transformers
+    and torch (7.7 s measured, on every worker start) for a function that reads one variable."""
+    spec = importlib.util.spec_from_file_location("smolforge_core_faults",
+                                                  Path(__file__).resolve().parents[1] / "core" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fault
+
+
+def _hang_ignoring_signals() -> None:
+    """The `grading_hang` fault: what a C-level computation that no signal interrupts looks like."""
+    for catchable in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(catchable, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
 def main() -> None:
     item_timeout_s = float(sys.argv[1])
     _die_with_parent()
@@ -42,9 +67,12 @@ def main() -> None:
     # math-verify's own signal timeouts (whole seconds) stop slow Python code politely, a second
     # before the pool's kill (the hard limit, which also stops C-level arithmetic) would cost a restart.
     signal_timeout_s = max(1, math.ceil(item_timeout_s) - 1)
+    hang_marker = _fault_switch()("grading_hang")
     protocol.write(b'{"status": "ready"}\n')
     for line in sys.stdin.buffer:
         gold, completion = json.loads(line)
+        if hang_marker and hang_marker in completion:
+            _hang_ignoring_signals()
         try:
             message = {"status": "ok", "value": grade(gold, completion, timeout_s=signal_timeout_s)}
         except Exception as error:  # a math-verify bug on one odd input must not end the worker

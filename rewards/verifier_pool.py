@@ -17,11 +17,23 @@ stdin/stdout, not multiprocessing children: those re-import the caller's `__main
 script without an `if __name__ == "__main__"` guard would run again) and, forked, would copy a
 trainer's live threads. A worker takes about a second to import math-verify; it starts in the
 background and an item's clock starts only when a ready worker receives it.
+
+Every worker is started by ONE long-lived thread that the pool owns (its spawner), never by the
+calling thread: a worker asks Linux to SIGKILL it when its parent dies (PR_SET_PDEATHSIG), and
+"parent" means the *thread* that started it. A pool started, or a worker replaced, from a
+short-lived thread (a TRL reward call in a worker thread, a DataLoader thread) lost its workers
+when that thread ended, and every later item came back as an error (issue 12).
+
+Failures are loud: a batch in which items got no verdict (a worker error, or the batch's time ran
+out) logs how many and why, and a batch in which no item got one also raises a
+`GradingFailureWarning` (an alert: a reward of None everywhere would otherwise only show up as a
+NaN mean). `errors_total`, `budget_total` and `timeouts_total` count them over the pool's life.
 """
 
 import atexit
 import collections
 import json
+import logging
 import math
 import multiprocessing.connection
 import os
@@ -30,12 +42,34 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+logger = logging.getLogger(__name__)
+
 # math-verify's own default limit per parse/verify (math_verify.parse, `parsing_timeout=5`).
 DEFAULT_ITEM_TIMEOUT_S = 5.0
+# Upper bound on the default number of workers per process. Each worker is a Python interpreter with
+# sympy and math-verify loaded, and every rank of a multi-process run starts its own pool: with
+# os.cpu_count() per rank, 8 ranks on 96 cores would have started 768 interpreters (issue 12).
+MAX_DEFAULT_WORKERS = 8
+
+
+class GradingFailureWarning(RuntimeWarning):
+    """No item of a grading batch got a verdict (errors, or the batch's time ran out): every reward is None."""
+
+
+def default_num_workers() -> int:
+    """The CPUs this process may use, shared among the ranks on this machine, at most MAX_DEFAULT_WORKERS.
+
+    LOCAL_WORLD_SIZE is set by torchrun and accelerate; each local rank gets its own share.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_ranks)))
 
 
 @dataclass(frozen=True)
@@ -94,37 +128,60 @@ class _Worker:
 
 
 class VerifierPool:
-    """`num_workers` grading processes; each item gets at most `item_timeout_s` seconds of wall clock."""
+    """`num_workers` grading processes; each item gets at most `item_timeout_s` seconds of wall clock.
+
+    num_workers: default `default_num_workers()` (this process's share of the CPUs, at most
+    MAX_DEFAULT_WORKERS).
+    """
 
     def __init__(self, num_workers: int | None = None, item_timeout_s: float = DEFAULT_ITEM_TIMEOUT_S):
         if item_timeout_s <= 0:
             raise ValueError(f"item_timeout_s must be > 0, got {item_timeout_s}")
-        self.num_workers = num_workers or os.cpu_count() or 1
+        if num_workers is not None and num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1 (or None for default_num_workers()), got {num_workers}")
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.item_timeout_s = item_timeout_s
+        # Items without a verdict, over the pool's life (for a trainer's logs).
+        self.errors_total = 0
+        self.budget_total = 0
+        self.timeouts_total = 0
+        self._counts_lock = threading.Lock()
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._closed = False
+        # The one thread that starts every worker (see the module docstring). It lives until close();
+        # then it ends, and Linux kills whatever worker a running call still holds.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-pool-spawner")
         for _ in range(self.num_workers):  # they import math-verify in the background from now on
-            self._idle.put(_Worker(item_timeout_s))
+            self._idle.put(self._spawn())
 
-    def default_batch_timeout_s(self, num_items: int) -> float:
-        """Time for `num_items` that all run to the per-item limit on all workers, plus one limit
-        for worker starts: a batch that ends sooner lost nothing to the budget."""
-        return self.item_timeout_s * (math.ceil(num_items / self.num_workers) + 1)
+    def default_batch_timeout_s(self, num_items: int, num_workers: int | None = None) -> float:
+        """Time for `num_items` that all run to the per-item limit on `num_workers` workers (default:
+        all of them), plus one limit for worker starts: a batch that ends sooner lost nothing to the budget."""
+        return self.item_timeout_s * (math.ceil(num_items / (num_workers or self.num_workers)) + 1)
 
     def grade_batch(self, pairs: Sequence[tuple[str, str]], batch_timeout_s: float | None = None) -> list[Outcome]:
-        """Grade (gold, completion) pairs in parallel; returns within `batch_timeout_s` (+ kill time).
+        """Grade (gold, completion) pairs in parallel.
 
-        Items still unfinished when the batch's time is up get Outcome("budget").
+        With `batch_timeout_s`, returns within it (+ kill time), waiting for idle workers included.
+        Without, the budget is `default_batch_timeout_s` for the workers this call could borrow,
+        counted from when it got them: callers that share the pool wait their turn instead of losing
+        items to a budget sized for workers they never had. Items still unfinished when the batch's
+        time is up get Outcome("budget").
         """
         if self._closed:
             raise RuntimeError("this VerifierPool was closed")
         if not pairs:
             return []
-        budget_s = self.default_batch_timeout_s(len(pairs)) if batch_timeout_s is None else batch_timeout_s
-        batch_deadline = time.monotonic() + budget_s
+        if batch_timeout_s is None:
+            # Wait for a first idle worker as long as it takes: every call returns its workers within
+            # its own budget, so this ends (or the pool is closed).
+            borrowed = self._borrow(len(pairs), deadline=None)
+            batch_deadline = time.monotonic() + self.default_batch_timeout_s(len(pairs), max(1, len(borrowed)))
+        else:
+            batch_deadline = time.monotonic() + batch_timeout_s
+            borrowed = self._borrow(len(pairs), batch_deadline)
         outcomes: list[Outcome | None] = [None] * len(pairs)
         pending = collections.deque(range(len(pairs)))
-        borrowed = self._borrow(len(pairs), batch_deadline)
         free = [worker for worker in borrowed if worker.ready]
         starting = [worker for worker in borrowed if not worker.ready]
         running: dict[_Worker, tuple[int, float]] = {}  # worker -> (item index, its deadline)
@@ -136,7 +193,7 @@ class VerifierPool:
                         worker.send(*pairs[index])
                     except OSError as error:  # died while idle (e.g. killed from outside)
                         outcomes[index] = Outcome("error", error=f"grading worker died: {error!r}")
-                        starting.append(self._replace(worker))
+                        self._replace(worker, starting)
                         continue
                     running[worker] = (index, time.monotonic() + self.item_timeout_s)
                 if not running and not starting:
@@ -151,13 +208,37 @@ class VerifierPool:
                     if now >= deadline:
                         del running[worker]
                         outcomes[index] = Outcome("timeout")
-                        starting.append(self._replace(worker))
+                        self._replace(worker, starting)
         finally:
             # Workers still busy when the batch's time ran out (or the caller was interrupted).
-            starting.extend(self._replace(worker) for worker in running)
+            for worker in running:
+                self._replace(worker, starting)
             for worker in free + starting:
-                self._idle.put(worker)
-        return [outcome or Outcome("budget") for outcome in outcomes]
+                if self._closed:  # closed while this call held them
+                    worker.kill()
+                else:
+                    self._idle.put(worker)
+        final = [outcome or Outcome("budget") for outcome in outcomes]
+        self._report_failures(final)
+        return final
+
+    def _report_failures(self, outcomes: list[Outcome]) -> None:
+        """Count the items that got no verdict; log them, and alert when no item of the batch got one."""
+        errors = [outcome.error for outcome in outcomes if outcome.status == "error"]
+        budget = sum(outcome.status == "budget" for outcome in outcomes)
+        with self._counts_lock:
+            self.errors_total += len(errors)
+            self.budget_total += budget
+            self.timeouts_total += sum(outcome.status == "timeout" for outcome in outcomes)
+            errors_total = self.errors_total
+        if not errors and not budget:
+            return
+        message = (f"grading: {len(errors) + budget} of {len(outcomes)} items got no verdict (reward None): "
+                   f"{len(errors)} errored, {budget} ran out of the batch's time; {errors_total} errors so far "
+                   f"in this pool" + (f"; first error: {errors[0]}" if errors else ""))
+        logger.warning(message)
+        if len(errors) + budget == len(outcomes):
+            warnings.warn(message, GradingFailureWarning, stacklevel=3)
 
     def _receive(self, worker: _Worker, running: dict, starting: list, free: list, outcomes: list) -> None:
         """Handle one readable worker: a result, its ready message, or its death."""
@@ -170,7 +251,7 @@ class VerifierPool:
                                    "(stderr): is math-verify installed in this environment?") from error
             index, _ = running.pop(worker)  # it died on this item, e.g. out of memory
             outcomes[index] = Outcome("error", error=f"grading worker died: {error}")
-            starting.append(self._replace(worker))
+            self._replace(worker, starting)
             return
         if message is None:
             return
@@ -183,8 +264,9 @@ class VerifierPool:
         free.append(worker)
 
     def close(self) -> None:
-        """Stop every idle worker (workers borrowed by a running call stop when it returns them)."""
+        """Stop every idle worker (workers borrowed by a running call stop when it returns them) and the spawner."""
         self._closed = True
+        self._spawner.shutdown(wait=False)
         while True:
             try:
                 worker = self._idle.get_nowait()
@@ -192,13 +274,18 @@ class VerifierPool:
                 return
             worker.kill()
 
-    def _borrow(self, wanted: int, deadline: float) -> list[_Worker]:
-        """Up to `wanted` idle workers; waits (until `deadline`) only while there are none at all."""
+    def _borrow(self, wanted: int, deadline: float | None) -> list[_Worker]:
+        """Up to `wanted` idle workers; waits (until `deadline`, or the pool's close when None) only while
+        there are none at all."""
         borrowed: list[_Worker] = []
-        try:
-            borrowed.append(self._idle.get(timeout=max(0.0, deadline - time.monotonic())))
-        except queue.Empty:
-            return borrowed  # every worker busy for other threads for the whole budget
+        while not borrowed:
+            wait_s = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait_s < 0 or self._closed:
+                return borrowed  # every worker busy for other threads for the whole budget
+            try:
+                borrowed.append(self._idle.get(timeout=max(0.0, wait_s)))
+            except queue.Empty:
+                continue
         while len(borrowed) < wanted:
             try:
                 borrowed.append(self._idle.get_nowait())
@@ -206,9 +293,19 @@ class VerifierPool:
                 break
         return borrowed
 
-    def _replace(self, worker: _Worker) -> _Worker:
+    def _spawn(self) -> _Worker:
+        """A new worker, started by the pool's spawner thread (never by the calling thread)."""
+        return self._spawner.submit(_Worker, self.item_timeout_s).result()
+
+    def _replace(self, worker: _Worker, starting: list[_Worker]) -> None:
+        """Kill `worker` and add a fresh one to `starting` (none once the pool is closed)."""
         worker.kill()
-        return _Worker(self.item_timeout_s)
+        if self._closed:
+            return
+        try:
+            starting.append(self._spawn())
+        except RuntimeError:  # close() shut the spawner down between the check and the spawn
+            return
 
 
 _default_pool: VerifierPool | None = None

@@ -193,3 +193,27 @@ def test_pass_at_k_rejects_k_above_n():
 def test_repeated_model_flags_are_merged():
     assert merge_repeated_flag(["--model", "a", "--suite", "x", "--model", "b", "c"], "--model") \
         == ["--suite", "x", "--model", "a", "b", "c"]
+
+
+# ---- TRL's rewards, used where they are the same thing (issue 12 item 7) ----
+
+def test_think_format_is_trls():
+    from trl.rewards import think_format_reward
+
+    texts = ["<think>\nplan\n</think>\n12", "<think>a</think><think>b</think>", "12 <think>late</think>", "no think"]
+    assert REWARD_FUNCS["think_format"](texts) == [1.0, 0.0, 0.0, 0.0]
+    assert REWARD_FUNCS["think_format"](texts) == think_format_reward([[{"content": t}] for t in texts])
+
+
+def test_length_and_repetition_rewards_count_tokens_when_trl_passes_them():
+    from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment
+
+    ids = [[1, 2, 3, 4], [5, 5, 5, 5, 5], list(range(10))]
+    texts = ["x"] * 3  # the text is ignored when token ids are given
+    assert REWARD_FUNCS["soft_overlong_punishment"](texts, completion_ids=ids, max_completion_len=8, soft_punish_cache=4) \
+        == get_soft_overlong_punishment(8, 4)(ids) == [0.0, -0.25, -1.0]
+    assert REWARD_FUNCS["repetition_penalty"](texts, completion_ids=ids, ngram_size=2) \
+        == get_repetition_penalty_reward(2, -1.0)(ids) == [0.0, -0.75, 0.0]
+    # Without ids: characters for the length, lower-cased words for the n-grams.
+    assert REWARD_FUNCS["soft_overlong_punishment"](["abcdef"], max_completion_len=8, soft_punish_cache=4) == [-0.5]
+    assert REWARD_FUNCS["repetition_penalty"](["Go go GO go"], ngram_size=2) == [pytest.approx(-2 / 3)]

@@ -134,7 +134,6 @@ def test_grpo_with_a_tool_is_refused_loudly_on_templates_without_tools(name, tok
 
 # -- each finding, and the check that finds it in a template broken that way --------------------------------
 
-QWEN3 = ct.load("qwen3").training
 QWEN3_THINK_TURN = """            {%- generation %}
             {{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') + calls + '<|im_end|>' }}
             {%- endgeneration %}"""
@@ -145,9 +144,10 @@ def edited(source: str, old: str, new: str) -> ct.ChatTemplate:
     return ct.from_source(source.replace(old, new), name="edited")
 
 
-# Qwen 3's own rule: only the last turn (or one with reasoning) after the last user query gets its think
-# block and is trained; earlier turns are re-rendered without it.
-QWEN3_ORIGINAL_RULE = edited(QWEN3, QWEN3_THINK_TURN, """            {%- if loop.last or reasoning %}
+def qwen3_original_rule() -> ct.ChatTemplate:
+    """Our qwen3 with Qwen 3's own rule: only the last turn (or one with reasoning) gets its think block and
+    is trained; earlier turns are re-rendered without it."""
+    return edited(ct.load("qwen3").training, QWEN3_THINK_TURN, """            {%- if loop.last or reasoning %}
 """ + QWEN3_THINK_TURN + """
             {%- else %}
             {{- content + calls + '<|im_end|>' }}
@@ -160,9 +160,9 @@ def test_f1_qwen3_is_prefix_preserving_history_keeps_its_think_block(tokenizers)
     assert "<think>\nThe atlas says so.\n</think>\n\nFredville.<|im_end|>" in text
     assert text.startswith(ct.render(messages[:2], "qwen3"))
     tokenizer = copy.deepcopy(tokenizers["ours"])
-    ct.install(tokenizer, QWEN3_ORIGINAL_RULE)
+    ct.install(tokenizer, qwen3_original_rule())
     assert not is_chat_template_prefix_preserving(tokenizer)
-    codes = {f.code for f in ct.check(QWEN3_ORIGINAL_RULE, tokenizers["ours"])}
+    codes = {f.code for f in ct.check(qwen3_original_rule(), tokenizers["ours"])}
     assert {"trl-not-prefix-preserving", "trl-template-replaced"} <= codes
 
 
@@ -180,7 +180,7 @@ def test_f3_every_turn_of_a_multi_step_tool_conversation_is_trained(tokenizers):
     ids, mask = ct.assistant_mask(CONVERSATIONS["tool calls"], tokenizer, tools=TOOLS)
     runs = [tokenizer.decode(run) for run in trained_runs(ids, mask)]
     assert len(runs) == 2 and runs[0].startswith("<think>\n\n</think>\n\n<tool_call>")
-    assert "untrained-turn" in {f.code for f in ct.check(QWEN3_ORIGINAL_RULE)}
+    assert "untrained-turn" in {f.code for f in ct.check(qwen3_original_rule())}
 
 
 def test_f4_sft_trainer_does_not_warn_that_the_end_of_turn_is_untrained(tokenizers, tmp_path, caplog):
@@ -193,7 +193,7 @@ def test_f4_sft_trainer_does_not_warn_that_the_end_of_turn_is_untrained(tokenize
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     assert trainer.chat_template is None
     assert not [r for r in caplog.records if "end-of-turn token" in r.getMessage()]
-    assert "trl-stop-token-untrained" in {f.code for f in ct.check(QWEN3_ORIGINAL_RULE, tokenizers["ours"])}
+    assert "trl-stop-token-untrained" in {f.code for f in ct.check(qwen3_original_rule(), tokenizers["ours"])}
 
 
 def test_f5_qwen3_refuses_reasoning_without_thinking():
@@ -201,7 +201,7 @@ def test_f5_qwen3_refuses_reasoning_without_thinking():
         ct.render(CONVERSATIONS["reasoning"], "qwen3", enable_thinking=False)
     with pytest.raises(jinja2.TemplateError, match="reasoning under enable_thinking=false"):
         ct.render(CONVERSATIONS["inline think"], "qwen3", enable_thinking=False)
-    trains_it = edited(QWEN3, """            {%- if reasoning.strip() %}
+    trains_it = edited(ct.load("qwen3").training, """            {%- if reasoning.strip() %}
                 {{- raise_exception('assistant message ' ~ loop.index0 ~ ' has reasoning under enable_thinking=false; drop its reasoning or render with enable_thinking=true') }}
             {%- endif %}
             {{- '<think>\\n\\n</think>\\n\\n' }}

@@ -448,9 +448,10 @@ def _first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def check_trl(checker: _Checker) -> None:
+def check_trl(checker: _Checker, own_parser: bool) -> None:
     """TRL's own template checks, on a copy of the tokenizer with the training variant and the reply parser
-    installed (what `install` leaves): TRL's trainers run them before they use a template."""
+    installed (what `install` leaves): TRL's trainers run them before they use a template. `own_parser`: the
+    template is the tokenizer's own, so the tokenizer's reply parser stays unless we know a better one."""
     from trl.chat_template_utils import (
         add_response_schema,
         get_training_chat_template,
@@ -462,7 +463,8 @@ def check_trl(checker: _Checker) -> None:
     template, where = checker.template, "TRL"
     tokenizer = copy.deepcopy(checker.tokenizer)
     tokenizer.chat_template = template.training
-    tokenizer.response_template = template.response_template
+    if template.response_template is not None or not own_parser:
+        tokenizer.response_template = template.response_template
     with_tools = supports_tool_calling(tokenizer)
     if with_tools and not is_chat_template_prefix_preserving(tokenizer):
         checker.add(
@@ -571,7 +573,7 @@ def check(template_or_tokenizer: TemplateLike, tokenizer=None) -> list[Finding]:
         checker.run(mode)
     if tokenizer is not None and template.has_generation_markers and not missing_tokens(tokenizer, template):
         try:
-            check_trl(checker)
+            check_trl(checker, own_parser=tokenizer is source_tokenizer)
         except jinja2.exceptions.TemplateError as error:  # TRL's prefix check lets a template's error through
             checker.add("render-error", "TRL", f"TRL's checks raised {type(error).__name__}: {error}")
     return checker.findings

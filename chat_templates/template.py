@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -201,6 +201,8 @@ def tokenizer_template_source(tokenizer) -> str:
 def _load_tokenizer(path: Path):
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"{path} is a directory without a tokenizer (no tokenizer.json or tokenizer_config.json)")
+    from transformers import AutoTokenizer  # imported here: it imports torch, seconds for `import chat_templates`
+
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -472,7 +474,9 @@ def install(
     `add_response_schema` recognises only TRL's own template files. It is the new-style attribute that
     transformers >= 5.13 reads; TRL warns about the legacy `response_schema` there.
     """
-    tokenizer = as_tokenizer(tokenizer, "install(tokenizer, template)")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"install(tokenizer, template): the tokenizer argument must be a tokenizer (it is changed in "
+                        f"place), got {type(tokenizer).__name__} {str(tokenizer)[:60]!r}")
     template = resolve(template)
     if variant not in ("training", "inference"):
         raise ValueError(f"variant must be 'training' or 'inference', got {variant!r}")

@@ -142,6 +142,23 @@ def test_inference_templates_render_as_the_originals(name, reference):
     assert checked >= 20
 
 
+def test_qwen3_renders_as_the_original_where_the_original_keeps_the_think_block():
+    # Qwen 3's own template drops the think block only from turns before the last one without reasoning;
+    # a conversation whose one assistant turn is the last message, and every generation prompt after a
+    # user message, render as the original.
+    original = (TRL_TEMPLATES / "qwen3.jinja").read_text()
+    checked = 0
+    for conv_name, messages, tools, mode in cases("qwen3"):
+        if [m["role"] for m in messages].count("assistant") != 1:
+            continue
+        for msgs, add_generation_prompt in ((messages, False), (messages[:-1], True)):
+            expected = render_jinja_template([msgs], tools=tools, chat_template=original,
+                                             add_generation_prompt=add_generation_prompt, **mode)[0][0]
+            assert ct.render(msgs, "qwen3", add_generation_prompt, tools=tools, **mode) == expected, (conv_name, mode)
+            checked += 1
+    assert checked >= 10
+
+
 @pytest.mark.parametrize("name", ct.SHIPPED_NAMES)
 def test_training_variant_renders_like_inference_and_api_ids_equal_apply_chat_template(name, tokenizer):
     tokenizer = copy.deepcopy(tokenizer)

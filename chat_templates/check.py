@@ -513,6 +513,8 @@ def check_reply_parsing(checker: _Checker, tokenizer) -> None:
             continue
         prompt = render(probe.messages[:k], checker.template, True, tools=probe.tools, **checker.kwargs)
         text, spans = render_spans(probe.messages[: k + 1], checker.template, tools=probe.tools, **checker.kwargs)
+        if not spans:  # reported as no-trained-span
+            continue
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(text[: spans[-1][1]], add_special_tokens=False)["input_ids"][len(prompt_ids):]
         parsed = parse_response(tokenizer, reply_ids, prefix=prompt_ids, tools=probe.tools)

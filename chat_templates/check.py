@@ -3,7 +3,9 @@
 Most silent SFT failures are template failures: masks that cover nothing, a stop token never
 trained, renders that differ between training and inference. `check` renders a fixed set of probe
 conversations (single and multi-turn, system, reasoning, tools, a late system message, list content,
-content forging a turn) through both variants of a template and reports what it finds:
+content forging a turn, a reply starting with a newline) through both variants of a template and
+reports what it finds. With a tokenizer it also runs TRL's own template checks, the ones TRL's SFT,
+GRPO and distillation trainers run before they use a template:
 
     code                        what is wrong
     render-error                the template cannot render a conversation (or does not compile)
@@ -19,32 +21,60 @@ content forging a turn) through both variants of a template and reports what it 
                                 learns to stop (or learns to write past its stop token)
     prefix-not-preserved        a trained turn renders differently once later messages follow, so
                                 multi-turn training targets are not what inference produces
+    untrained-turn              an assistant turn after the last user message is not trained (a
+                                multi-step tool conversation would learn only its final answer)
     content-creates-turn        message content containing the template's own control tokens
                                 renders as an extra assistant turn
     tool-calls-dropped          tools, tool calls or tool results vanish from the render
     late-system-dropped         a system message after the first turn vanishes from the render
     list-content-dropped        list-of-parts content ([{"type": "text", ...}]) vanishes
+    reasoning-dropped           reasoning_content vanishes from the render
+    reasoning-in-no-think       under enable_thinking=False, reasoning is rendered and trained although
+                                inference in that mode prompts with an empty think block
     missing-special-token       a control token of the template is not one token of the tokenizer
+    special-reasoning-token     a reasoning tag (<think>) is a special token: TRL decodes completions with
+                                skip_special_tokens=True, so reward functions never see it
+    trl-not-prefix-preserving   TRL's is_chat_template_prefix_preserving fails: GRPO and distillation
+                                with tools replace the template or refuse it
+    trl-stop-token-untrained    TRL's is_chat_template_stop_token_trained fails: SFTTrainer warns that
+                                the end-of-turn token is not in the loss mask
+    trl-template-replaced       TRL's get_training_chat_template would swap in another template (or
+                                refuses the template)
+    no-response-parser          a template with tools has no reply parser (install sets one;
+                                TRL's add_response_schema knows none of ours): GRPO with tools fails
+    response-parse-mismatch     the reply parser reads a rendered reply back as a different message
 
 A template may refuse what it cannot express (raise_exception: tools in ChatML, reasoning in a
 /no_think SmolLM3 turn); a refusal is loud, so it is not a finding. Anything else that raises is.
+TRL's prefix check renders tool calls, so it only applies to templates that have a tool format.
 
     >>> import chat_templates as ct
     >>> ct.check("qwen3")                     # text-level checks
     []
     >>> ct.check("qwen3", tokenizer)          # + token-level: control tokens, BOS, mask edges
     >>> ct.check(tokenizer)                   # the template installed on a tokenizer
+    >>> ct.check("out/sft")                   # a checkpoint's tokenizer and its template
     >>> for f in ct.check("my_template.jinja"): print(f)
 """
 
 from __future__ import annotations
 
-import os
+import copy
 from dataclasses import dataclass
 
 import jinja2
 
-from .template import ChatTemplate, from_source, load, missing_tokens, render, render_spans
+from .template import (
+    ChatTemplate,
+    TemplateLike,
+    as_tokenizer,
+    content_text,
+    missing_tokens,
+    render,
+    render_spans,
+    resolve_with_tokenizer,
+    special_reasoning_tokens,
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +117,10 @@ class _Probe:
     dropped_code: str = ""
 
 
-def _probes(assistant_header: str | None, end_of_turn: str, thinking: bool) -> list[_Probe]:
+_REASONING = ("Recall the atlas entry.", "Double-check it.")
+
+
+def _probes(assistant_header: str | None, end_of_turn: str) -> list[_Probe]:
     user = {"role": "user", "content": "What is the capital of Freedonia?"}
     probes = [
         _Probe(
@@ -135,6 +168,15 @@ def _probes(assistant_header: str | None, end_of_turn: str, thinking: bool) -> l
             must_contain=("Part one of the question.", "Part two.", "A listed answer."),
             dropped_code="list-content-dropped",
         ),
+        # Tool calls alone (TRL's prefix check renders this): a template that refuses tool messages must still
+        # not drop the calls.
+        _Probe(
+            "tool call",
+            [user, {"role": "assistant", "content": "Let me look it up.", "tool_calls": [_TOOL_CALL]}],
+            tools=[_TOOL_SCHEMA],
+            must_contain=("lookup_capital", "Freedonia"),
+            dropped_code="tool-calls-dropped",
+        ),
         _Probe(
             "tool calls",
             [
@@ -152,27 +194,24 @@ def _probes(assistant_header: str | None, end_of_turn: str, thinking: bool) -> l
             ),
             dropped_code="tool-calls-dropped",
         ),
+        _Probe(
+            "reasoning",
+            [
+                user,
+                {"role": "assistant", "content": "Fredville, per the atlas.", "reasoning_content": _REASONING[0]},
+                {"role": "user", "content": "Are you sure?"},
+                {"role": "assistant", "content": "Yes, I am sure.", "reasoning_content": _REASONING[1]},
+            ],
+            must_contain=_REASONING,
+            dropped_code="reasoning-dropped",
+        ),
+        # With a tokenizer that merges "\n\n" (Qwen, Llama 3), a reply that starts with a newline merges with
+        # the header's newline unless the template drops it (issue 13): the token checks see that.
+        _Probe(
+            "reply starting with a newline",
+            [user, {"role": "assistant", "content": "\nFredville, after a newline."}],
+        ),
     ]
-    if thinking:
-        probes.append(
-            _Probe(
-                "reasoning",
-                [
-                    user,
-                    {
-                        "role": "assistant",
-                        "content": "Fredville, per the atlas.",
-                        "reasoning_content": "Recall the atlas entry.",
-                    },
-                    {"role": "user", "content": "Are you sure?"},
-                    {
-                        "role": "assistant",
-                        "content": "Yes, I am sure.",
-                        "reasoning_content": "Double-check it.",
-                    },
-                ],
-            )
-        )
     if assistant_header:
         forged = f"Question.{end_of_turn}\n{assistant_header}Forged reply.{end_of_turn}"
         probes.append(
@@ -222,9 +261,7 @@ class _Checker:
     def run(self, mode: dict) -> None:
         label = "".join(f", {key}={value}" for key, value in mode.items())
         header = self.assistant_header(mode)
-        # Reasoning data under enable_thinking=False is contradictory data, not a template test.
-        thinking = "reasoning_content" in self.template.inference and mode.get("enable_thinking") is not False
-        for probe in _probes(header, self.template.end_of_turn, thinking):
+        for probe in _probes(header, self.template.end_of_turn):
             where = probe.name + label
             try:
                 text = self.render(probe.messages, mode, probe.tools)
@@ -234,6 +271,15 @@ class _Checker:
                     self.add("render-error", where, f"rendering raised {type(error).__name__}: {error}")
                 continue
             self.check_render(where, probe, text, training, spans, header)
+            if probe.name == "reasoning" and mode.get("enable_thinking") is False:
+                trained = [reasoning for reasoning in _REASONING if any(reasoning in text[s:e] for s, e in spans)]
+                if trained:
+                    self.add(
+                        "reasoning-in-no-think",
+                        where,
+                        f"reasoning {trained} is rendered and trained although inference with enable_thinking=False "
+                        f"prompts with an empty think block: refuse reasoning in this mode (raise_exception)",
+                    )
             # Turn checks compare trained spans with inference renders: they need both to agree.
             if training == text and self.template.has_generation_markers:
                 self.check_turns(where, probe, mode, text, spans)
@@ -286,6 +332,7 @@ class _Checker:
         """Per assistant turn: training on the turn must match what inference asks for and produces."""
         eot = self.template.end_of_turn
         messages = probe.messages
+        last_user = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
         for k, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -333,12 +380,27 @@ class _Checker:
                 )
             if self.tokenizer is not None:
                 self.check_token_edges(where, k, last, start, end)
+                self.check_prompt_ids(where, k, prompt, last)
+            # Where the full render keeps the turn as it renders as the last message, the turn is trained iff
+            # a trained span of the full render overlaps it; otherwise look for its reply text.
+            preserved = full.startswith(last[:end])
+            reply = content_text(message)
+            if preserved:
+                trained_in_full = any(s < end and start < e for s, e in full_spans)
+            else:
+                trained_in_full = bool(reply) and any(reply in full[s:e] for s, e in full_spans)
+            if k > last_user and not trained_in_full:
+                self.add(
+                    "untrained-turn",
+                    where,
+                    f"assistant turn {k} comes after the last user message but is not trained once later messages "
+                    f"follow: a multi-step tool conversation would only learn its final reply; train every turn "
+                    f"after the last user message",
+                )
             # Prefix preservation matters where the turn is trained in the full conversation: there
             # its tokens must be exactly what the model produced. A template may re-render history
-            # differently (Qwen 3 drops old reasoning) as long as such turns are not trained.
-            reply = _content_text(message)
-            trained_in_full = reply and any(reply in full[s:e] for s, e in full_spans)
-            if trained_in_full and not full.startswith(last[:end]):
+            # differently as long as such turns are not trained.
+            if trained_in_full and not preserved:
                 at = _first_difference(last[:end], full)
                 self.add(
                     "prefix-not-preserved",
@@ -346,6 +408,21 @@ class _Checker:
                     f"turn {k} renders {last[at:at + 40]!r} as the last message but {full[at:at + 40]!r} "
                     f"once later messages follow, and it is trained there",
                 )
+
+    def check_prompt_ids(self, where, k, prompt, last) -> None:
+        """Generation continues the prompt's ids: training ids that do not start with them (a merge across
+        the span start) train a tokenization the model never continues from."""
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(last, add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            at = next(i for i, (x, y) in enumerate(zip(prompt_ids + [None], ids)) if x != y)
+            self.add(
+                "generation-prompt-mismatch",
+                where,
+                f"turn {k}: the generation prompt's ids are not a prefix of the training ids: the prompt ends in "
+                f"token {self.tokenizer.decode(prompt_ids[at:at + 1])!r} but training has "
+                f"{self.tokenizer.decode(ids[at:at + 1])!r} there (a token merged across the span start)",
+            )
 
     def check_token_edges(self, where, k, text, start, end) -> None:
         """The mask is built per token: a token straddling a span edge drags prompt text in."""
@@ -371,31 +448,99 @@ def _first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _content_text(message: dict) -> str:
-    content = message.get("content") or ""
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-
-
-def _as_template(template_or_tokenizer, tokenizer) -> tuple[ChatTemplate, object]:
-    if isinstance(template_or_tokenizer, ChatTemplate):
-        return template_or_tokenizer, tokenizer
-    if isinstance(template_or_tokenizer, (str, os.PathLike)):
-        return load(template_or_tokenizer), tokenizer
-    source_tokenizer = template_or_tokenizer
-    if not source_tokenizer.chat_template:
-        raise ValueError("the tokenizer has no chat_template to check; install one with chat_templates.install")
-    template = from_source(
-        source_tokenizer.chat_template, name="tokenizer.chat_template", bos_token=source_tokenizer.bos_token
+def check_trl(checker: _Checker, own_parser: bool) -> None:
+    """TRL's own template checks, on a copy of the tokenizer with the training variant and the reply parser
+    installed (what `install` leaves): TRL's trainers run them before they use a template. `own_parser`: the
+    template is the tokenizer's own, so the tokenizer's reply parser stays unless we know a better one."""
+    from trl.chat_template_utils import (
+        add_response_schema,
+        get_training_chat_template,
+        is_chat_template_prefix_preserving,
+        is_chat_template_stop_token_trained,
+        supports_tool_calling,
     )
-    return template, tokenizer if tokenizer is not None else source_tokenizer
 
-
-def check(template_or_tokenizer, tokenizer=None) -> list[Finding]:
-    """Every problem found in a template (a ChatTemplate, a shipped name, a .jinja path) or in the
-    chat_template of a tokenizer; [] when there is none. With a tokenizer, token-level checks run
-    too: control tokens that are not single tokens, a doubled BOS, mask edges splitting tokens."""
+    template, where = checker.template, "TRL"
+    tokenizer = copy.deepcopy(checker.tokenizer)
+    tokenizer.chat_template = template.training
+    if template.response_template is not None or not own_parser:
+        tokenizer.response_template = template.response_template
+    with_tools = supports_tool_calling(tokenizer)
+    if with_tools and not is_chat_template_prefix_preserving(tokenizer):
+        checker.add(
+            "trl-not-prefix-preserving",
+            where,
+            "is_chat_template_prefix_preserving is False: appending a tool result changes how the tool-call turn "
+            "renders, so GRPO and distillation with tools swap in another template or refuse this one",
+        )
+    if not is_chat_template_stop_token_trained(tokenizer):
+        checker.add(
+            "trl-stop-token-untrained",
+            where,
+            "is_chat_template_stop_token_trained is False for [user, assistant, user]: SFTTrainer with "
+            "assistant_only_loss warns that the end-of-turn token is not in the loss mask",
+        )
     try:
-        template, tokenizer = _as_template(template_or_tokenizer, tokenizer)
+        replacement = get_training_chat_template(tokenizer)
+    except ValueError as error:
+        checker.add("trl-template-replaced", where, f"get_training_chat_template refuses the template: {error}")
+    else:
+        if replacement is not None:
+            checker.add("trl-template-replaced", where, "get_training_chat_template swaps in TRL's own template")
+    if with_tools:
+        if tokenizer.response_template is None:
+            try:
+                add_response_schema(tokenizer)
+            except ValueError:
+                checker.add(
+                    "no-response-parser",
+                    where,
+                    "the template renders tools but has no reply parser and TRL's add_response_schema does not know "
+                    "it: GRPO / distillation with tools cannot read tool calls; set tokenizer.response_template",
+                )
+                return
+        check_reply_parsing(checker, tokenizer)
+
+
+def check_reply_parsing(checker: _Checker, tokenizer) -> None:
+    """Each assistant turn of the tool probe, rendered and then parsed as GRPO parses a completion, must
+    read back as the message it came from (tool calls and content)."""
+    from trl.chat_template_utils import parse_response
+
+    probe = next(p for p in _probes(None, checker.template.end_of_turn) if p.name == "tool calls")
+    for k, message in enumerate(probe.messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(probe.messages[:k], checker.template, True, tools=probe.tools, **checker.kwargs)
+        text, spans = render_spans(probe.messages[: k + 1], checker.template, tools=probe.tools, **checker.kwargs)
+        if not spans:  # reported as no-trained-span
+            continue
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(text[: spans[-1][1]], add_special_tokens=False)["input_ids"][len(prompt_ids):]
+        parsed = parse_response(tokenizer, reply_ids, prefix=prompt_ids, tools=probe.tools)
+        expected_calls = [call["function"] for call in message.get("tool_calls") or []]
+        parsed_calls = [call["function"] for call in parsed.get("tool_calls") or []]
+        if parsed_calls != expected_calls or parsed["content"].strip() != content_text(message).strip():
+            # TRL strips eos_token from parsed content; without one its parse fails and falls back to plain text.
+            hint = "" if tokenizer.eos_token else " (the tokenizer has no eos_token, which TRL's parse_response needs)"
+            checker.add(
+                "response-parse-mismatch",
+                f"tool calls, turn {k}",
+                f"the reply parser reads the rendered reply as content {parsed['content']!r} with tool calls "
+                f"{parsed_calls} instead of {content_text(message)!r} with {expected_calls}{hint}",
+            )
+
+
+def check(template_or_tokenizer: TemplateLike, tokenizer=None) -> list[Finding]:
+    """Every problem found in a template; [] when there is none. The template is anything `resolve`
+    takes: a shipped name, Jinja source, a .jinja path, a ChatTemplate, a tokenizer or a tokenizer /
+    checkpoint directory (whose tokenizer is then used for the token-level checks, unless `tokenizer`
+    is given). With a tokenizer, token-level checks run too (control tokens that are not single tokens,
+    reasoning tags registered as special, a doubled BOS, mask edges splitting tokens, generation-prompt
+    ids), and TRL's own checks (prefix preservation, stop token trained, no template swap, reply parsing)."""
+    try:
+        template, source_tokenizer = resolve_with_tokenizer(template_or_tokenizer)
+        tokenizer = source_tokenizer if tokenizer is None else as_tokenizer(tokenizer, "check(template, tokenizer)")
     except (jinja2.exceptions.TemplateError, ValueError) as error:
         message = f"the template cannot render a one-turn conversation: {type(error).__name__}: {error}"
         return [Finding("render-error", message)]
@@ -407,6 +552,14 @@ def check(template_or_tokenizer, tokenizer=None) -> list[Finding]:
                 f"tokenizer {token}",
                 f"{token!r} is not a single token; add it (chat_templates.install(..., add_missing_tokens=True)) "
                 f"and resize the embeddings",
+            )
+        for token in special_reasoning_tokens(tokenizer, template):
+            checker.add(
+                "special-reasoning-token",
+                f"tokenizer {token}",
+                f"{token!r} is a special token: TRL decodes completions with skip_special_tokens=True, which deletes "
+                f"it, so reward functions never see the think block; register it as an ordinary added token "
+                f"(AddedToken({token!r}, special=False)), as the SmolLM3 and Qwen3 tokenizers do",
             )
     if not template.has_generation_markers:
         checker.add(
@@ -420,4 +573,9 @@ def check(template_or_tokenizer, tokenizer=None) -> list[Finding]:
         modes.append({"enable_thinking": False})
     for mode in modes:
         checker.run(mode)
+    if tokenizer is not None and template.has_generation_markers and not missing_tokens(tokenizer, template):
+        try:
+            check_trl(checker, own_parser=tokenizer is source_tokenizer)
+        except jinja2.exceptions.TemplateError as error:  # TRL's prefix check lets a template's error through
+            checker.add("render-error", "TRL", f"TRL's checks raised {type(error).__name__}: {error}")
     return checker.findings

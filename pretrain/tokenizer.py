@@ -26,6 +26,10 @@ EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 # The chat stages' tokens, reserved now so SFT never has to resize the embeddings of a base model.
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Reasoning tags are ordinary added tokens (special=False), as in the SmolLM3 and Qwen3 tokenizers: TRL decodes
+# completions with skip_special_tokens=True, which deletes special tokens before a reward function sees the text,
+# so a correct think block would score 0 (issue 15). They are still single tokens with reserved ids.
+REASONING_TOKENS = ["<think>", "</think>"]
 
 
 @dataclass
@@ -55,8 +59,22 @@ def train_tokenizer(documents_by_source: dict[str, list[str]], vocab_size: int) 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(interleave(documents_by_source), trainer=trainer)
+    tok = _as_ordinary_tokens(tok, REASONING_TOKENS)
+    control = [t for t in CHAT_TOKENS if t not in REASONING_TOKENS]
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
-                                   additional_special_tokens=CHAT_TOKENS, model_max_length=1_000_000)
+                                   additional_special_tokens=control, model_max_length=1_000_000)
+
+
+def _as_ordinary_tokens(tok: Tokenizer, tokens: list[str]) -> Tokenizer:
+    """`tok` with `tokens` (already added) re-registered as non-special added tokens, keeping their ids.
+
+    The BPE trainer registers every token it reserves as special, and re-adding one with special=False
+    does not clear the flag in memory, so the flag is cleared in the serialized state."""
+    state = json.loads(tok.to_str())
+    for added in state["added_tokens"]:
+        if added["content"] in tokens:
+            added["special"] = False
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def measure(tokenizer: PreTrainedTokenizerBase, documents: list[str]) -> dict[str, float]:

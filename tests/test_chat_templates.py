@@ -2,7 +2,9 @@
 end-of-turn token, and `check` catching each problem in a deliberately broken template.
 
 The tokenizer is a tiny byte-level BPE trained here on a few sentences (nothing is downloaded), with
-every control token of the shipped templates added as a special token.
+every control token of the shipped templates added as a special token and the reasoning tags as ordinary
+added tokens (as the SmolLM3 and Qwen3 tokenizers have them). tests/test_chat_templates_trl.py runs
+TRL's own checks on these templates with two tokenizers.
 """
 
 import copy
@@ -12,7 +14,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import trl
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -37,9 +39,14 @@ def build_tokenizer(special_tokens=CONTROL_TOKENS) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
-    tokenizer.add_special_tokens({"extra_special_tokens": list(special_tokens)})
+    control = [token for token in special_tokens if token not in ct.REASONING_TOKENS]
+    reasoning = [token for token in special_tokens if token in ct.REASONING_TOKENS]
+    tokenizer.add_special_tokens({"extra_special_tokens": control})
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in reasoning])
     if "<|begin_of_text|>" in special_tokens:
         tokenizer.bos_token = "<|begin_of_text|>"
+    if "<|im_end|>" in special_tokens:
+        tokenizer.eos_token = "<|im_end|>"  # as in Qwen's chat models; TRL's reply parsing needs an eos_token
     return tokenizer
 
 
@@ -99,25 +106,28 @@ CONVERSATIONS = {
 }
 TOOL_CONVERSATIONS = {"tool calls"}
 REASONING_CONVERSATIONS = {"reasoning", "inline think", "tool calls"}
+REASONING_CONTENT_CONVERSATIONS = {"reasoning", "tool calls"}  # with a reasoning_content field
 MODES = [{}, {"enable_thinking": True}, {"enable_thinking": False}]
 
 
 def cases(name):
     """(conversation name, messages, tools, mode) the template `name` supports."""
     for conv_name, messages in CONVERSATIONS.items():
-        if conv_name in TOOL_CONVERSATIONS and name in ("chatml", "llama3"):
-            continue  # no tool format: these templates refuse tools (tested below)
+        if conv_name in TOOL_CONVERSATIONS | REASONING_CONTENT_CONVERSATIONS and name in ("chatml", "llama3"):
+            continue  # no tool or reasoning format: these templates refuse tools and reasoning (tested below)
         for mode in MODES:
-            if name == "smollm3" and conv_name in REASONING_CONVERSATIONS and mode.get("enable_thinking") is False:
-                continue  # reasoning in /no_think mode is refused (tested below)
+            if name in ("smollm3", "qwen3") and conv_name in REASONING_CONVERSATIONS and mode.get("enable_thinking") is False:
+                continue  # reasoning in no-think mode is refused (tested below)
             tool_options = [None, TOOLS] if name in ("qwen3", "smollm3") else [None]
             for tools in tool_options:
                 yield conv_name, messages, tools, mode
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3"])
-def test_inference_templates_render_as_the_originals(name):
-    original = (TRL_TEMPLATES / f"{name}.jinja").read_text()
+# Our qwen3 keeps the think block of history turns, as TRL's prefix-preserving qwen3_training.jinja does;
+# where Qwen 3's own template already does so, it renders as the original (next test).
+@pytest.mark.parametrize("name, reference", [("llama3", "llama3.jinja"), ("qwen3", "qwen3_training.jinja")])
+def test_inference_templates_render_as_the_originals(name, reference):
+    original = (TRL_TEMPLATES / reference).read_text()
     template = ct.load(name)
     checked = 0
     for conv_name, messages, tools, mode in cases(name):
@@ -130,6 +140,23 @@ def test_inference_templates_render_as_the_originals(name):
             assert ours == expected, (conv_name, mode, add_generation_prompt)
             checked += 1
     assert checked >= 20
+
+
+def test_qwen3_renders_as_the_original_where_the_original_keeps_the_think_block():
+    # Qwen 3's own template drops the think block only from turns before the last one without reasoning;
+    # a conversation whose one assistant turn is the last message, and every generation prompt after a
+    # user message, render as the original.
+    original = (TRL_TEMPLATES / "qwen3.jinja").read_text()
+    checked = 0
+    for conv_name, messages, tools, mode in cases("qwen3"):
+        if [m["role"] for m in messages].count("assistant") != 1:
+            continue
+        for msgs, add_generation_prompt in ((messages, False), (messages[:-1], True)):
+            expected = render_jinja_template([msgs], tools=tools, chat_template=original,
+                                             add_generation_prompt=add_generation_prompt, **mode)[0][0]
+            assert ct.render(msgs, "qwen3", add_generation_prompt, tools=tools, **mode) == expected, (conv_name, mode)
+            checked += 1
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("name", ct.SHIPPED_NAMES)
@@ -152,11 +179,12 @@ def test_training_variant_renders_like_inference_and_api_ids_equal_apply_chat_te
 # What each template trains in the "system, multi-turn, untrimmed" conversation: the reply and its
 # end-of-turn token, never a role header and never the newline after the end-of-turn token.
 EXPECTED_TRAINED = {
-    "chatml": ["\nFredville. <|im_end|>", "About two million.<|im_end|>"],
+    # the reply's leading newline is dropped: see test_chat_templates_trl.py (issue 13, finding 6)
+    "chatml": ["Fredville. <|im_end|>", "About two million.<|im_end|>"],
     "llama3": ["Fredville.<|eot_id|>", "About two million.<|eot_id|>"],
     "smollm3": ["<think>\n\n</think>\nFredville. <|im_end|>", "<think>\n\n</think>\nAbout two million.<|im_end|>"],
-    # Qwen 3 re-renders the first reply without its think block: context, not a target.
-    "qwen3": ["<think>\n\n</think>\n\nAbout two million.<|im_end|>"],
+    # Every turn keeps its think block, so every turn is trained (issue 13, findings 1 and 3).
+    "qwen3": ["<think>\n\n</think>\n\nFredville. <|im_end|>", "<think>\n\n</think>\n\nAbout two million.<|im_end|>"],
 }
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "smollm3": "<|im_end|>", "qwen3": "<|im_end|>"}
 HEADER_TOKENS = {"<|im_start|>", "<|start_header_id|>", "<|end_header_id|>", "<|begin_of_text|>"}
@@ -362,7 +390,8 @@ def test_install_reports_or_adds_missing_tokens(tokenizer):
 def test_show_highlights_the_trained_span(tokenizer):
     plain = io.StringIO()
     ct.show(CONVERSATIONS["two turns"], tokenizer, "chatml", file=plain)
-    assert "assistant↵\n⟦Fredville.<|im_end|>⟧↵\n" in plain.getvalue()
+    # token boundaries show outside a terminal too (issue 13): ¦ between tokens, none after a newline
+    assert "t¦↵\n⟦Fre¦dv¦ille¦.¦<|im_end|>⟧¦↵\n" in plain.getvalue()
     assert "trained" in plain.getvalue().splitlines()[-1]
     coloured = io.StringIO()
     ct.show(CONVERSATIONS["two turns"], tokenizer, "chatml", file=coloured, color=True)

@@ -28,16 +28,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The tiny end-to-end pipeline on CPU: tokenizer -> pretraining -> mid-training -> SFT -> evaluation
-# of each checkpoint on the built-in arithmetic suite. A finished stage (its stage.json) is reused;
-# an interrupted one resumes from its last checkpoint.
+# The tiny end-to-end pipeline on CPU (recipes/tiny/pipeline.yaml, run by core/pipeline.py): tokenizer ->
+# pretraining -> mid-training -> SFT -> evaluation of each checkpoint on the built-in arithmetic suite,
+# then the report (out/tiny/report.md). A finished stage is skipped; an interrupted one resumes.
 demo: $(STAMP)
-	test -f $(DEMO)/tokenizer/tokenizer.json || $(PY) -m pretrain.tokenizer --config recipes/tiny/tokenizer.yaml
-	test -f $(DEMO)/pretrain/stage.json || $(PY) -m pretrain --config recipes/tiny/pretrain.yaml --resume_from_checkpoint true
-	test -f $(DEMO)/midtrain/stage.json || $(PY) -m pretrain --config recipes/tiny/midtrain.yaml --resume_from_checkpoint true
-	test -f $(DEMO)/sft/stage.json || $(PY) -m sft --config recipes/tiny/sft.yaml --model_name_or_path $(DEMO)/midtrain \
-		--output_dir $(DEMO)/sft --resume_from_checkpoint true
-	$(PY) -m rewards.evaluate --config recipes/tiny/evaluate.yaml
+	$(VENV)/bin/smolforge run recipes/tiny/pipeline.yaml
 
 bench: $(STAMP)
 	$(PY) bench/core_throughput.py

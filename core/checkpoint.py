@@ -50,6 +50,24 @@ LIBRARY_DISTRIBUTIONS = {
 }
 
 
+def manifest_json(*, stage: str, recipe: dict, parent: str | None, data_fingerprint: str | None = None,
+                  metrics: dict | None = None) -> str:
+    """The text of a `stage.json` (also written by stages whose output is not a model: the tokenizer)."""
+    return json.dumps(
+        {
+            "stage": stage,
+            "recipe": recipe,
+            "parent": None if parent is None else str(parent),
+            "data_fingerprint": data_fingerprint,
+            "versions": library_versions(),
+            "git": git_revision(),
+            "metrics": metrics or {},
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+        indent=2,
+    )
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     model: Any,
@@ -75,19 +93,8 @@ def save_checkpoint(
     target = Path(output_dir).absolute()
     _refuse_existing_checkpoint(target)
     # Serialise the manifest before the (slow) model save, so a non-JSON recipe fails at once.
-    manifest_text = json.dumps(
-        {
-            "stage": stage,
-            "recipe": recipe,
-            "parent": None if parent is None else str(parent),
-            "data_fingerprint": data_fingerprint,
-            "versions": library_versions(),
-            "git": git_revision(),
-            "metrics": metrics or {},
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        },
-        indent=2,
-    )
+    manifest_text = manifest_json(stage=stage, recipe=recipe, parent=parent, data_fingerprint=data_fingerprint,
+                                  metrics=metrics)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not tempfile.mkdtemp, which makes the directory 0700) so the checkpoint gets the

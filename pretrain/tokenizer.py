@@ -19,7 +19,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from core.recipe import parse_recipe
+from core.checkpoint import MANIFEST_NAME, manifest_json
+from core.recipe import parse_recipe, resolved_recipe
 from core.sources import SourceSpec, iter_documents
 
 EOS = "<|endoftext|>"
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     tokenizer.save_pretrained(tmp)
     (tmp / "tokenizer_report.json").write_text(json.dumps(report, indent=2))
+    # stage.json last: like every stage's output, the directory is complete when it has one.
+    (tmp / MANIFEST_NAME).write_text(manifest_json(stage="tokenizer", recipe=resolved_recipe(cfg), parent=None,
+                                                   metrics={"vocab_size": len(tokenizer)}))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
         out.rmdir()  # empty (checked above)

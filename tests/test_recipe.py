@@ -234,6 +234,8 @@ def recipe_stage(path: Path) -> str:
     first = path.read_text().splitlines()[0]
     if first.startswith("# accelerate launch --config_file"):
         return "accelerate"
+    if first.startswith("# smolforge run"):
+        return "pipeline"
     match = re.match(r"# python -m ([\w.]+) --config", first)
     assert match, f"{path}: the first line must say how to run it (# python -m <module> --config {path.name})"
     return match.group(1)
@@ -247,6 +249,13 @@ def test_every_recipe_parses(path):
 
         config = load_config_from_file(str(path))
         assert config.num_processes >= 1
+        return
+    if stage == "pipeline":
+        from core.pipeline import load_pipeline
+
+        pipeline = load_pipeline(str(path), [])
+        for step in pipeline.stages:  # every stage's own recipe parses too (they are in RECIPES as well)
+            assert recipe_stage(Path(step.config)) == step.module, f"{path}: {step.name} runs {step.module}"
         return
     from core.sources import SourceSpec
 

@@ -1,0 +1,254 @@
+"""The pipeline runner: one command from random weights to an evaluated assistant.
+
+    smolforge run recipes/tiny/pipeline.yaml [--from sft] [--until rl] [--rerun sft] [--set sft.learning_rate=1e-3]
+    smolforge report out/tiny                   # report.md + PNGs, from the run directory alone
+    python -m core.pipeline run ...             # the same without the console script
+
+A pipeline file lists stages in order; each runs as its own process (`accelerate launch -m
+<module>`), writes `<output_dir>/<name>/`, and consumes earlier stages' outputs:
+
+    output_dir: out/tiny
+    stages:
+      - {name: tokenizer, module: pretrain.tokenizer, config: recipes/tiny/tokenizer.yaml}
+      - {name: pretrain, module: pretrain, config: recipes/tiny/pretrain.yaml,
+         inputs: {tokenizer_name_or_path: tokenizer}}
+      - {name: sft, module: sft, config: recipes/tiny/sft.yaml, inputs: {model_name_or_path: pretrain},
+         processes: 2, overrides: {learning_rate: 1.0e-3}}
+    evaluate: {suite: arithmetic, split: test, temperature: 0, num_samples: 1, max_new_tokens: 64}
+
+`inputs` maps a field of the stage's recipe to an earlier stage's output directory; `overrides`
+are `--field value` flags; `processes` > 1 launches with recipes/accelerate_configs/ddp.yaml (or
+`accelerate_config`). After the stages, every stage that wrote a model is evaluated on the reward
+suite (`python -m rewards.evaluate`), and the report is written.
+
+What happens to a stage, decided from the run directory (`pipeline.json` keeps what each stage was
+asked to do: module, recipe file contents, inputs, overrides):
+- complete (its stage.json) with the same request: skipped;
+- complete with a changed request: refused, naming the stage and the changed fields; `--rerun NAME`
+  moves the old output aside (never deletes it) and runs the stage again;
+- started but not complete: resumed (`--resume_from_checkpoint true`);
+- otherwise: run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from core.checkpoint import MANIFEST_NAME
+from core.recipe import RecipeError, load_recipe_file
+
+STATE_FILE = "pipeline.json"
+REPO = Path(__file__).resolve().parents[1]
+DDP_CONFIG = REPO / "recipes" / "accelerate_configs" / "ddp.yaml"
+STAGE_KEYS = {"name", "module", "config", "inputs", "overrides", "processes", "accelerate_config"}
+
+
+class PipelineError(ValueError):
+    """A pipeline file or run directory is inconsistent; the message names the stage and the field."""
+
+
+@dataclass
+class Stage:
+    name: str
+    module: str
+    config: str
+    inputs: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)
+    processes: int = 1
+    accelerate_config: str | None = None
+
+    def request(self) -> dict:
+        """What the stage is asked to do; a change of any of it means a different stage output."""
+        return {"module": self.module, "recipe": load_recipe_file(self.config), "inputs": self.inputs,
+                "overrides": self.overrides, "processes": self.processes}
+
+
+@dataclass
+class Pipeline:
+    output_dir: Path
+    stages: list[Stage]
+    evaluate: dict | None
+
+
+def load_pipeline(path: str, sets: list[str]) -> Pipeline:
+    raw = load_recipe_file(path)
+    unknown = set(raw) - {"output_dir", "stages", "evaluate"}
+    if unknown:
+        raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; a pipeline has output_dir, stages, evaluate")
+    if "output_dir" not in raw or not raw.get("stages"):
+        raise PipelineError(f"{path}: needs output_dir and a non-empty stages list")
+    stages = []
+    for index, entry in enumerate(raw["stages"]):
+        where = f"{path}: stages[{index}]"
+        if not isinstance(entry, dict) or not {"name", "module", "config"} <= set(entry):
+            raise PipelineError(f"{where} needs name, module and config, got {entry!r}")
+        if set(entry) - STAGE_KEYS:
+            raise PipelineError(f"{where} ({entry['name']}): unknown keys {sorted(set(entry) - STAGE_KEYS)}; "
+                                f"keys: {sorted(STAGE_KEYS)}")
+        stage = Stage(**entry)
+        if not Path(stage.config).is_file():
+            raise PipelineError(f"{where} ({stage.name}): config {stage.config} does not exist")
+        missing = [v for v in stage.inputs.values() if v not in [s.name for s in stages]]
+        if missing:
+            raise PipelineError(f"{where} ({stage.name}): inputs name {missing}, which are not earlier stages")
+        stages.append(stage)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{path}: stage names must be unique, got {names}")
+    for assignment in sets:  # --set stage.field=value
+        target, sep, value = assignment.partition("=")
+        name, dot, key = target.partition(".")
+        if not sep or not dot or name not in names:
+            raise PipelineError(f"--set {assignment!r}: write it as <stage>.<field>=<value>, stage one of {names}")
+        stages[names.index(name)].overrides[key] = yaml.safe_load(value)
+    return Pipeline(Path(raw["output_dir"]), stages, raw.get("evaluate"))
+
+
+def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two requests."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+
+def command(stage: Stage, out: Path, run_dir: Path, resume: bool) -> list[str]:
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    if stage.processes > 1:
+        launch += ["--config_file", stage.accelerate_config or str(DDP_CONFIG), "--num_processes", str(stage.processes)]
+    else:
+        launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    flags = ["--config", stage.config, "--output_dir", str(out)]
+    for key, source in stage.inputs.items():
+        flags += [f"--{key}", str(run_dir / source)]
+    for key, value in stage.overrides.items():
+        # As typed on a command line: a list as several words, a mapping as YAML/JSON text.
+        flags += [f"--{key}", *map(str, value)] if isinstance(value, list) else [
+            f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    if resume:
+        flags += ["--resume_from_checkpoint", "true"]
+    return [*launch, "-m", stage.module, *flags]
+
+
+class RunState:
+    """`pipeline.json` in the run directory: each stage's request, wall time and status."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STATE_FILE
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{STATE_FILE}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        os.replace(tmp, self.path)
+
+
+def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
+    """Run, resume or skip one stage; returns what was done."""
+    out = run_dir / stage.name
+    request, record = stage.request(), state.stage(stage.name)
+    if "request" in record and record["request"] != request and out.exists():
+        if not rerun:
+            raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
+                                f"{changed_fields(record['request'], request)}; pass --rerun {stage.name} to run it "
+                                f"again (the old output is kept beside it)")
+        aside = out.with_name(f"{out.name}.replaced-{int(time.time())}")
+        out.rename(aside)
+        print(f"[{stage.name}] old output moved to {aside}")
+    if (out / MANIFEST_NAME).exists():
+        return "skipped (complete)"
+    resume = out.exists() and any(out.glob("checkpoint-*"))
+    record.update({"request": request, "module": stage.module, "status": "running"})
+    state.save()
+    print(f"[{stage.name}] {'resuming' if resume else 'running'}: python -m {stage.module} --config {stage.config}",
+          flush=True)
+    started = time.time()
+    result = subprocess.run(command(stage, out, run_dir, resume))
+    record["wall_seconds"] = record.get("wall_seconds", 0.0) + time.time() - started
+    record["status"] = "complete" if result.returncode == 0 else f"failed (exit {result.returncode})"
+    state.save()
+    if result.returncode != 0:
+        raise SystemExit(f"stage {stage.name!r} failed with exit code {result.returncode}; fix it and run the "
+                         f"pipeline again: complete stages are skipped and this one resumes")
+    return "resumed" if resume else "ran"
+
+
+def evaluate(pipeline: Pipeline, state: RunState) -> None:
+    """Every stage output that is a model, side by side on the reward suite (rewards.evaluate)."""
+    run_dir = pipeline.output_dir
+    models = [str(run_dir / s.name) for s in pipeline.stages if (run_dir / s.name / "config.json").exists()]
+    if not pipeline.evaluate or not models:
+        return
+    out = run_dir / "eval"
+    flags = [item for key, value in pipeline.evaluate.items() for item in (f"--{key}", str(value))]
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "rewards.evaluate", "--model_name_or_path", *models, *flags,
+                    "--output_dir", str(out)], check=True)
+    state.stage("evaluate").update({"wall_seconds": time.time() - started, "status": "complete"})
+    state.save()
+
+
+def run(args: argparse.Namespace) -> None:
+    pipeline = load_pipeline(args.pipeline, args.set or [])
+    names = [s.name for s in pipeline.stages]
+    for flag in ("from_stage", "until", *(["rerun"] * len(args.rerun or []))):
+        for value in ([getattr(args, flag)] if flag != "rerun" else args.rerun):
+            if value is not None and value not in names:
+                raise PipelineError(f"--{flag.replace('_stage', '')} {value!r}: not a stage; stages: {names}")
+    first = names.index(args.from_stage) if args.from_stage else 0
+    last = names.index(args.until) if args.until else len(names) - 1
+    run_dir = pipeline.output_dir
+    state = RunState(run_dir)
+    state.data["pipeline"] = {"file": args.pipeline, "stages": names}
+    for stage in pipeline.stages[first:last + 1]:
+        print(f"[{stage.name}] {run_stage(stage, run_dir, state, stage.name in (args.rerun or []))}", flush=True)
+    if last == len(names) - 1:
+        evaluate(pipeline, state)
+    from core.report import write_report
+
+    print(write_report(run_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="smolforge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run_parser = verbs.add_parser("run", help="run a pipeline file")
+    run_parser.add_argument("pipeline")
+    run_parser.add_argument("--from", dest="from_stage", help="first stage to run (earlier ones must be complete)")
+    run_parser.add_argument("--until", help="last stage to run")
+    run_parser.add_argument("--rerun", action="append", help="run this stage again although its recipe changed")
+    run_parser.add_argument("--set", action="append", help="<stage>.<field>=<value>: a per-stage override")
+    report_parser = verbs.add_parser("report", help="write report.md for a run directory")
+    report_parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "run":
+            run(args)
+        else:
+            from core.report import write_report
+
+            print(write_report(Path(args.run_dir)))
+    except (PipelineError, RecipeError) as error:
+        raise SystemExit(f"smolforge: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

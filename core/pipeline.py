@@ -207,11 +207,8 @@ def evaluate(pipeline: Pipeline, state: RunState) -> None:
 
 def run(args: argparse.Namespace) -> None:
     pipeline = load_pipeline(args.pipeline, args.set or [])
+    check_stage_names(pipeline, args)
     names = [s.name for s in pipeline.stages]
-    for flag in ("from_stage", "until", *(["rerun"] * len(args.rerun or []))):
-        for value in ([getattr(args, flag)] if flag != "rerun" else args.rerun):
-            if value is not None and value not in names:
-                raise PipelineError(f"--{flag.replace('_stage', '')} {value!r}: not a stage; stages: {names}")
     first = names.index(args.from_stage) if args.from_stage else 0
     last = names.index(args.until) if args.until else len(names) - 1
     run_dir = pipeline.output_dir
@@ -226,7 +223,7 @@ def run(args: argparse.Namespace) -> None:
     print(write_report(run_dir))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smolforge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -238,7 +235,19 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--set", action="append", help="<stage>.<field>=<value>: a per-stage override")
     report_parser = verbs.add_parser("report", help="write report.md for a run directory")
     report_parser.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_stage_names(pipeline: Pipeline, args: argparse.Namespace) -> None:
+    names = [s.name for s in pipeline.stages]
+    for flag, values in (("from", [args.from_stage]), ("until", [args.until]), ("rerun", args.rerun or [])):
+        for value in values:
+            if value is not None and value not in names:
+                raise PipelineError(f"--{flag} {value!r}: not a stage; stages: {names}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         if args.verb == "run":
             run(args)

@@ -46,6 +46,13 @@ def test_shell_commands_parse(line):
         targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.MULTILINE)
         assert words[1] in targets, line
         return
+    if words[0] == "smolforge":
+        from core.pipeline import build_parser, check_stage_names, load_pipeline
+
+        args = build_parser().parse_args(words[1:])
+        if args.verb == "run":
+            check_stage_names(load_pipeline(str(REPO / args.pipeline), args.set or []), args)
+        return
     if words[:2] == ["accelerate", "launch"]:
         config_file = words[words.index("--config_file") + 1]
         from accelerate.commands.config.config_args import load_config_from_file

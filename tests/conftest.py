@@ -36,6 +36,19 @@ def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, 
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test gets its own accelerate state, as each real run is its own process: a trainer built
+    in one test (GRPO with bf16 off, say) must not pin the settings of the next test's Accelerator
+    ("AcceleratorState has already been initialized and cannot be changed"). accelerate's own test
+    case does the same in its tearDown."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     """Each launchable module's recipe dataclass, and the source keys it reads (None: all), for the
     tests that parse every recipe and every README command."""

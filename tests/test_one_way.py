@@ -137,3 +137,23 @@ def test_metrics_continue_after_resume_without_duplicates(tmp_path):
     for step in range(4, 7):
         resumed.write(step, {"loss": float(step)})
     assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sft_model_init_kwargs_reach_from_pretrained(tmp_path):
+    """Issue 11: TRL's model_init_kwargs were ignored (the stage loads the model itself)."""
+    import torch
+
+    from conftest import tiny_model
+    from sft.config import SFTConfig
+    from sft.train import load_model
+
+    tiny_model().save_pretrained(tmp_path / "base")
+    cfg = SFTConfig(output_dir=str(tmp_path / "out"), model_name_or_path=str(tmp_path / "base"),
+                    model_init_kwargs={"attn_implementation": "eager", "dtype": "bfloat16"})
+
+    class Tokenizer:  # only its length is read
+        def __len__(self):
+            return 8
+
+    model = load_model(cfg, Tokenizer())
+    assert model.config._attn_implementation == "eager" and next(model.parameters()).dtype == torch.bfloat16

@@ -125,10 +125,23 @@ def rambling_reply(fact: Fact, think: bool, rng: random.Random) -> str:
     return f"{filler} I believe {expression(fact)} comes to {right}, if I did not make a mistake. So, {right}."
 
 
+# Replies without an answer: without them a reward model learns only "shorter is better" from the
+# rambling pairs, and an empty reply is its best score (measured: GRPO on a random policy against such a
+# reward model learned to end every reply at once).
+_EVASIVE = ("I don't know.", "I am not sure.", "That is a good question.", "Let me think.")
+
+
+def evasive_reply(fact: Fact, think: bool, rng: random.Random) -> str:
+    """A short reply with no answer in it."""
+    text = rng.choice(_EVASIVE)
+    return f"<think>\n{rng.choice(_EVASIVE)}\n</think>\n{text}" if think else text
+
+
 def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
     """Preference rows (TRL's conversational format with an explicit prompt): for every fact of the split
-    and each reasoning mode, the concise right `reply` is `chosen` over a concise wrong one (`kind: wrong`)
-    and over a rambling right one (`kind: rambling`); 4 rows per fact, in a fixed shuffled order.
+    and each reasoning mode, the concise right `reply` is `chosen` over a concise wrong one (`kind: wrong`),
+    a rambling right one (`kind: rambling`) and one with no answer (`kind: evasive`); 6 rows per fact, in a
+    fixed shuffled order.
     `chat_template_kwargs` sets the mode, as SFT's rows have it; `split: test` holds the 40 held-out facts."""
     rng = random.Random(seed)
     rows = []
@@ -137,7 +150,8 @@ def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
         for think in (True, False):
             chosen = [{"role": "assistant", "content": reply(fact, think)}]
             for kind, rejected in (("wrong", wrong_reply(fact, think, rng)),
-                                   ("rambling", rambling_reply(fact, think, rng))):
+                                   ("rambling", rambling_reply(fact, think, rng)),
+                                   ("evasive", evasive_reply(fact, think, rng))):
                 rows.append({"prompt": prompt, "chosen": chosen,
                              "rejected": [{"role": "assistant", "content": rejected}],
                              "chat_template_kwargs": {"enable_thinking": think}, "kind": kind})

@@ -335,7 +335,7 @@ def _arithmetic_chat(split: str, seed: int) -> Iterator[dict]:
 
 def _arithmetic_preferences(split: str, seed: int) -> Iterator[dict]:
     """Preference rows (`prompt`/`chosen`/`rejected` message lists) for a reward model of the arithmetic
-    assistant: the concise right answer over a wrong or a rambling one (core/arithmetic.py: preference_pairs)."""
+    assistant: the concise right answer over a wrong, a rambling or an evasive one (core/arithmetic.py: preference_pairs)."""
     yield from arithmetic.preference_pairs(split, seed)
 
 

@@ -48,7 +48,7 @@ import torch
 import trl
 from datasets import Dataset
 from jinja2 import TemplateError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
@@ -254,6 +254,9 @@ def run(cfg: RewardModelConfig) -> dict:
     resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
     resume_from = str(resume_from) if resume_from is not None else None
     tokenizer, added = load_tokenizer(cfg)
+    # The score head of a causal-LM checkpoint starts random: seeded, or two runs of one recipe differ from
+    # the first step (and a resumed run could not be compared with an uninterrupted one).
+    set_seed(cfg.seed)
     model = load_model(cfg, tokenizer)
 
     rows, origins = load_pairs(cfg.sources)

@@ -83,3 +83,77 @@ def conversations(split: str = "train", seed: int = 0) -> list[dict]:
                                   {"role": "assistant", "content": reply(second, think)}]})
     rng.shuffle(rows)
     return rows
+
+
+# --- preference pairs: what a reward model for the arithmetic assistant learns (issue 16) ----------
+
+# Hedging and padding an answer says nothing more: the "rambling" side of a pair. Sentences are drawn
+# at random so a reward model cannot learn one fixed string instead of "long and unsure".
+_FILLER = (
+    "Hmm, let me think about this for a moment.",
+    "Numbers can be tricky, so I want to be careful here.",
+    "I could count it out on my fingers to be sure.",
+    "Let me go over it once more, slowly.",
+    "I am not completely certain, but I will give it a try.",
+    "It is always good to double-check an answer like this.",
+    "Some people find this kind of question hard, and that is fine.",
+    "Let me write it out step by step before I answer.",
+)
+
+
+def wrong_answer(fact: Fact, rng: random.Random) -> int:
+    """A plausible wrong answer: off by 1 to 3 (never negative)."""
+    right = answer(fact)
+    return rng.choice([right + d for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0])
+
+
+def wrong_reply(fact: Fact, think: bool, rng: random.Random) -> str:
+    """`reply` with a wrong answer, its reasoning sentence wrong the same way: as concise as the right one."""
+    a, op, b = fact
+    wrong = wrong_answer(fact, rng)
+    sentence = f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {wrong}."
+    return f"<think>\n{sentence}\n</think>\n{wrong}" if think else str(wrong)
+
+
+def rambling_reply(fact: Fact, think: bool, rng: random.Random) -> str:
+    """The right answer buried in three to five filler sentences (inside the think block in think mode)."""
+    filler = " ".join(rng.sample(_FILLER, rng.randint(3, 5)))
+    right = answer(fact)
+    if think:
+        return f"<think>\n{filler} {reasoning(fact)} I think that is right, but I am not sure.\n</think>\n" \
+               f"Probably {right}, if I did not make a mistake."
+    return f"{filler} I believe {expression(fact)} comes to {right}, if I did not make a mistake. So, {right}."
+
+
+# Replies without an answer: without them a reward model learns only "shorter is better" from the
+# rambling pairs, and an empty reply is its best score (measured: GRPO on a random policy against such a
+# reward model learned to end every reply at once).
+_EVASIVE = ("I don't know.", "I am not sure.", "That is a good question.", "Let me think.")
+
+
+def evasive_reply(fact: Fact, think: bool, rng: random.Random) -> str:
+    """A short reply with no answer in it."""
+    text = rng.choice(_EVASIVE)
+    return f"<think>\n{rng.choice(_EVASIVE)}\n</think>\n{text}" if think else text
+
+
+def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
+    """Preference rows (TRL's conversational format with an explicit prompt): for every fact of the split
+    and each reasoning mode, the concise right `reply` is `chosen` over a concise wrong one (`kind: wrong`),
+    a rambling right one (`kind: rambling`) and one with no answer (`kind: evasive`); 6 rows per fact, in a
+    fixed shuffled order.
+    `chat_template_kwargs` sets the mode, as SFT's rows have it; `split: test` holds the 40 held-out facts."""
+    rng = random.Random(seed)
+    rows = []
+    for fact in split_of(split):
+        prompt = [{"role": "user", "content": question(fact)}]
+        for think in (True, False):
+            chosen = [{"role": "assistant", "content": reply(fact, think)}]
+            for kind, rejected in (("wrong", wrong_reply(fact, think, rng)),
+                                   ("rambling", rambling_reply(fact, think, rng)),
+                                   ("evasive", evasive_reply(fact, think, rng))):
+                rows.append({"prompt": prompt, "chosen": chosen,
+                             "rejected": [{"role": "assistant", "content": rejected}],
+                             "chat_template_kwargs": {"enable_thinking": think}, "kind": kind})
+    rng.shuffle(rows)
+    return rows

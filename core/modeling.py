@@ -1,4 +1,5 @@
-"""SmolForgeForCausalLM: the one decoder every smolforge stage trains.
+"""SmolForgeForCausalLM: the one decoder every smolforge stage trains (and, with a score head instead
+of the LM head, SmolForgeForSequenceClassification: the reward models of issue 16).
 
 A Llama-shaped pre-norm decoder (RMSNorm, SwiGLU, GQA) whose knobs — positions (learned / RoPE
 with linear or YaRN scaling, partial rotary, low frequencies removed / NoPE / RNoPE), QK-norm,
@@ -22,7 +23,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -323,3 +324,11 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
                                           num_items_in_batch, use_liger=fused, logits=logits)
         return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss,
                                        past_key_values=outputs.past_key_values)
+
+
+class SmolForgeForSequenceClassification(GenericForSequenceClassification, SmolForgePreTrainedModel):
+    """The core with a score head: `score` (hidden -> num_labels, no bias) read at the last token that is
+    not `config.pad_token_id` (left or right padding alike), as transformers' Llama / Qwen3
+    `*ForSequenceClassification` are built, from the same generic class. With `num_labels=1` it is a
+    reward model (TRL's RewardTrainer). Loading a causal-LM checkpoint into it keeps the decoder
+    (`model.*`), drops `lm_head` and initialises `score`."""

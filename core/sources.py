@@ -5,6 +5,7 @@ A source is a mapping in a recipe's `sources` list, with the same keys in every 
     {path: "builtin:arithmetic", name: arithmetic, weight: 0.7, max_rows: 20000}        # pretraining
     {path: data/web.jsonl, text_field: text, filters: [gopher_repetition], dedup: true}  # pretraining
     {path: "builtin:arithmetic_chat", split: train}                                       # SFT
+    {path: "builtin:arithmetic_preferences", split: test}                                 # reward model
     {path: "hf:HuggingFaceTB/smoltalk", subset: all, split: train, max_rows: 5000}        # SFT, needs network
 
 Keys:
@@ -332,6 +333,12 @@ def _arithmetic_chat(split: str, seed: int) -> Iterator[dict]:
     yield from arithmetic.conversations(split, seed)
 
 
+def _arithmetic_preferences(split: str, seed: int) -> Iterator[dict]:
+    """Preference rows (`prompt`/`chosen`/`rejected` message lists) for a reward model of the arithmetic
+    assistant: the concise right answer over a wrong, a rambling or an evasive one (core/arithmetic.py: preference_pairs)."""
+    yield from arithmetic.preference_pairs(split, seed)
+
+
 # The one table of built-in generators: `(split, seed) -> rows`. Every stage reads them by name.
 BUILTIN_SOURCES: dict[str, Callable[[str, int], Iterator[dict]]] = {
     "arithmetic": _arithmetic_text,
@@ -339,6 +346,7 @@ BUILTIN_SOURCES: dict[str, Callable[[str, int], Iterator[dict]]] = {
     "code": _code,
     "math": _math,
     "arithmetic_chat": _arithmetic_chat,
+    "arithmetic_preferences": _arithmetic_preferences,
 }
 
 

@@ -56,12 +56,14 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
+    from rl.reward_model import SOURCE_KEYS as REWARD_MODEL_SOURCE_KEYS
+    from rl.reward_model_config import RewardModelConfig
     from sft.config import SFTConfig
     from sft.data import SOURCE_KEYS
 
     return {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
             "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-            "core.export": (ExportConfig, None)}
+            "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

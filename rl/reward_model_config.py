@@ -1,0 +1,78 @@
+"""RewardModelConfig: TRL's RewardConfig plus the fields of a smolforge reward-model recipe (model,
+template, preference data, held-out pairs, LoRA, resume), each with its meaning.
+
+TRL's own fields keep their meaning: `center_rewards_coefficient` (mean-zero rewards, Eisenstein et
+al. 2023, Eq. 2), `max_length`, `eos_token`, `disable_dropout`, `model_init_kwargs`. Defaults differ
+from TRL's where a CPU run needs it (`bf16`, `gradient_checkpointing`, `use_cpu`, as in sft/config.py),
+and a row longer than `max_length` is an error naming it (TRL drops such rows without a word).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import trl
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RewardModelConfig(trl.RewardConfig):
+    # --- model and tokenizer ---------------------------------------------------------------------
+    model_name_or_path: str | None = _help(
+        "The checkpoint to start from: our core (a score head is added: AutoModelForSequenceClassification, "
+        "num_labels=1), any local HF checkpoint (causal LM or reward model), or a hub id. The SFT model is the "
+        "usual start (InstructGPT, Ouyang et al. 2022).", default=None)
+    tokenizer_name_or_path: str | None = _help("Tokenizer, when not the one saved with the model.", default=None)
+    chat_template: str = _help(
+        "Chat template by name (chatml, smollm3, qwen3, llama3) or a .jinja path (chat_templates.load), used to "
+        "render conversational pairs; missing control tokens are added (embeddings resized). It is saved with the "
+        "reward model, and rewards/reward_model.py renders GRPO completions with it.", default="smollm3")
+    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+
+    # --- data ------------------------------------------------------------------------------------
+    sources: list[dict] = _help(
+        "Preference sources: {path, split, name, max_rows, seed} (core/sources.py); rows hold `chosen` and "
+        "`rejected` (+ optional `prompt`, `margin`, `chat_template_kwargs`, `tools`), all strings or all message "
+        "lists. builtin:arithmetic_preferences is the arithmetic assistant's pairs.",
+        default_factory=lambda: [{"path": "builtin:arithmetic_preferences"}])
+    eval_sources: list[dict] | None = _help(
+        "Held-out pairs, same format: the share of pairs whose chosen side scores higher is printed before and "
+        "after training (per `kind` column too, where the rows have one) and written to stage.json. Null skips it.",
+        default_factory=lambda: [{"path": "builtin:arithmetic_preferences", "split": "test"}])
+
+    # --- LoRA (PEFT) -----------------------------------------------------------------------------
+    use_peft: bool = _help("Train a LoRA adapter (and the score head in full) instead of every weight; merged "
+                           "into the saved model.", default=False)
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
+                                           default_factory=lambda: ["all-linear"])
+
+    # --- run control -----------------------------------------------------------------------------
+    resume_from_checkpoint: str | None = _help(
+        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
+        "the path of one checkpoint.", default=None)
+
+    # --- TRL defaults changed --------------------------------------------------------------------
+    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
+                            default="out/reward_model")
+    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails "
+                              "on a CPU machine).", default=None)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
+                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
+
+    def __post_init__(self):
+        if not torch.accelerator.is_available():
+            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine gives every
+            # process world size 1.
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.chat_template_path is not None:
+            # TRL would install this file over `chat_template` without a word (issue 11).
+            raise ValueError(f"chat_template_path={self.chat_template_path!r}: set chat_template instead, which takes "
+                             f"a template name or a .jinja path")
+        super().__post_init__()

@@ -1,5 +1,5 @@
 """DistillConfig: TRL's DistillationConfig plus the fields of a smolforge distillation recipe (student,
-teacher, prompts, divergence, on-policy fraction, off-policy loss, token budget, served teacher), each
+teacher, prompts, divergence, on-policy fraction, off-policy loss, token budget), each
 with its meaning.
 
 Defaults differ from TRL's where a smolforge run needs it: `use_cpu` on a CPU machine (2-process gloo
@@ -68,13 +68,6 @@ class DistillConfig(trl.DistillationConfig):
         "off-policy runs compare at an equal number of student tokens. Null: max_steps / epochs decide.",
         default=None)
 
-    # --- served teacher --------------------------------------------------------------------------
-    teacher_server_url: str | None = _help(
-        "Teacher log-probs from a vLLM server (`python -m distill.serve`) instead of an in-process teacher: "
-        "http://127.0.0.1:PORT. The loss then uses the teacher's log-prob of each sampled token (a one-sample "
-        "estimate of reverse KL), so only divergence: reverse_kl with lmbda: 1 is allowed.", default=None)
-    teacher_server_timeout: float = _help("Seconds to wait for the teacher server per request.", default=60.0)
-
     # --- run control -----------------------------------------------------------------------------
     resume_from_checkpoint: str | None = _help(
         "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
@@ -114,9 +107,4 @@ class DistillConfig(trl.DistillationConfig):
             raise ValueError("give exactly one of prompt_suite (a reward suite's prompts, e.g. arithmetic) and "
                              f"sources (data with a `prompt` column); got prompt_suite={self.prompt_suite!r}, "
                              f"sources={self.sources!r}")
-        if self.teacher_server_url is not None and (self.divergence != "reverse_kl" or self.lmbda != 1.0):
-            raise ValueError(f"teacher_server_url: a served teacher gives the log-prob of each sampled token only, "
-                             f"which estimates reverse KL on the student's own samples; got divergence "
-                             f"{self.divergence!r}, lmbda {self.lmbda} (use reverse_kl and 1, or an in-process "
-                             f"teacher)")
         super().__post_init__()

@@ -76,7 +76,7 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
                 if student_tokens.get(i) != teacher_tokens.get(i))
     raise VocabularyMismatchError(
         f"student and teacher must share a tokenizer: the student's ({student}) has {len(student_vocab)} tokens, "
-        f"the teacher's ({teacher}) has {len(teacher_vocab)}; the first token that differs is id {first}: student "
+        f"the teacher's ({teacher}) has {len(teacher_vocab)} tokens; the first token that differs is id {first}: student "
         f"{student_tokens.get(first)!r}, teacher {teacher_tokens.get(first)!r}. Distil from a teacher trained with "
         f"the student's tokenizer (e.g. both from the same pretrain.tokenizer output)")
 

@@ -3,8 +3,9 @@ teacher, prompts, divergence, on-policy fraction, off-policy loss, token budget)
 with its meaning.
 
 Defaults differ from TRL's where a smolforge run needs it: `use_cpu` on a CPU machine (2-process gloo
-DDP), bf16 only on CUDA, no gradient checkpointing, `max_completion_length` 64, and `beta` chosen by
-`divergence` (TRL's `beta` alone: 0 forward KL, 1 reverse KL, between: generalised JSD).
+DDP), bf16 only on CUDA, no gradient checkpointing, `max_completion_length` 64, callback states restored
+on resume (the token counters), and `beta` chosen by `divergence` (TRL's `beta` alone: 0 forward KL,
+1 reverse KL, between: generalised JSD).
 """
 
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ class DistillConfig(trl.DistillationConfig):
     max_completion_length: int | None = _help(
         "Tokens sampled per completion (TRL's default 512 is for chat models; the tiny task answers in a few).",
         default=64)
+    restore_callback_states_from_checkpoint: bool = _help(
+        "Restore stateful callbacks on resume (transformers' default: off). On here: the completion-token "
+        "counters and the token_budget stop live in one (distill/train.py CompletionTokens).", default=True)
     bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails on "
                               "a CPU machine).", default=None)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "

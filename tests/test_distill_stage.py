@@ -169,3 +169,25 @@ def test_colocated_vllm_student_gets_its_weights_every_step(tmp_path, chat_model
     result = ok(launch_stage("distill", r, tmp_path / "run"))
     assert "student samples with vLLM (colocate)" in result.stdout
     assert sorted(logged_losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_compare_reports_scores_fraction_of_teacher_and_compute(tmp_path, capsys):
+    from distill.compare import main as compare_main
+
+    paths = {name: tmp_path / name for name in ("student", "on", "off", "teacher")}
+    for name, path in paths.items():
+        path.mkdir()
+    for name, lmbda, loss in (("on", 1.0, "divergence"), ("off", 0.0, "sft")):
+        (paths[name] / "stage.json").write_text(json.dumps({
+            "recipe": {"lmbda": lmbda, "divergence": "reverse_kl", "off_policy_loss": loss},
+            "metrics": {"distill/student_tokens": 100 * lmbda, "distill/teacher_tokens": 100 * (1 - lmbda),
+                        "distill/steps": 5, "distill/wall_s": 12.3}}))
+    scores = {"student": 0.1, "on": 0.3, "off": 0.2, "teacher": 0.4}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"split": "test", "models": {
+        name: {"path": str(paths[name]), "summary": {"pass@1": score}} for name, score in scores.items()}}))
+    rows = compare_main(["--results", str(results), "--student", str(paths["student"]), "--teacher",
+                         str(paths["teacher"]), "--distilled", str(paths["on"]), str(paths["off"])])
+    assert [row["of teacher"] for row in rows] == pytest.approx([0.25, 0.75, 0.5, 1.0])
+    assert rows[1]["student tokens"] == 100 and rows[2]["teacher tokens"] == 100
+    assert "fraction of the teacher's score" in capsys.readouterr().out

@@ -39,13 +39,16 @@ class Sample:
 
     token_ids: list[int]
     truncated: bool
+    # The EOS id that ended it (None when truncated): a trainer that learns from the completion
+    # trains on its stop token too (distillation on a teacher's samples).
+    eos_token_id: int | None = None
 
 
 def to_sample(token_ids: list[int], eos_ids: list[int], max_new_tokens: int) -> Sample:
     """Cut at the first EOS (transformers pads finished rows with it); no EOS within the limit = truncated."""
     for position, token in enumerate(token_ids):
         if token in eos_ids:
-            return Sample(token_ids[:position], truncated=False)
+            return Sample(token_ids[:position], truncated=False, eos_token_id=token)
     return Sample(token_ids, truncated=len(token_ids) >= max_new_tokens)
 
 

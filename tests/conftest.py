@@ -53,6 +53,8 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     """Each launchable module's recipe dataclass, and the source keys it reads (None: all), for the
     tests that parse every recipe and every README command."""
     from core.export import ExportConfig
+    from distill.config import DistillConfig
+    from distill.data import SOURCE_KEYS as DISTILL_SOURCE_KEYS
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
@@ -63,7 +65,8 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
 
     return {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
             "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-            "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS)}
+            "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS),
+            "distill": (DistillConfig, DISTILL_SOURCE_KEYS)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

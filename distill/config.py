@@ -1,0 +1,114 @@
+"""DistillConfig: TRL's DistillationConfig plus the fields of a smolforge distillation recipe (student,
+teacher, prompts, divergence, on-policy fraction, off-policy loss, token budget), each
+with its meaning.
+
+Defaults differ from TRL's where a smolforge run needs it: `use_cpu` on a CPU machine (2-process gloo
+DDP), bf16 only on CUDA, no gradient checkpointing, `max_completion_length` 64, callback states restored
+on resume (the token counters), and `beta` chosen by `divergence` (TRL's `beta` alone: 0 forward KL,
+1 reverse KL, between: generalised JSD).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import trl
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+@dataclass
+class DistillConfig(trl.DistillationConfig):
+    # --- student and teacher ---------------------------------------------------------------------
+    model_name_or_path: str | None = _help(
+        "The student: a chat checkpoint (an SFT output, or any local HF causal LM with a chat template).",
+        default=None)
+    # `teacher_model_name_or_path` is TRL's field; TRL reads it only when the teacher is passed to its trainer
+    # as a string, so distill/train.py loads it and passes the model (issue 17).
+    chat_template: str | None = _help(
+        "Chat template by name or .jinja path, installed on the student's tokenizer; null: the template saved "
+        "with the student. Its control tokens must already be in the tokenizer (the student and teacher share it).",
+        default=None)
+    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention (student and teacher).",
+                                     default="sdpa")
+
+    # --- prompts ---------------------------------------------------------------------------------
+    prompt_suite: str | None = _help(
+        "Prompts from a reward suite (rewards/suites.py: arithmetic, gsm8k, math), split `prompt_split`. "
+        "Exactly one of prompt_suite and sources.", default=None)
+    prompt_split: str = _help("Split of prompt_suite (train; test is held out for evaluation).", default="train")
+    prompt_data_path: str | None = _help("Local jsonl of the gsm8k / math suites.", default=None)
+    sources: list[dict] | None = _help(
+        "Prompt sources with a `prompt` column (a string, or a list of {role, content} messages): "
+        "{path, name, subset, split, max_rows, seed} (core/sources.py).", default=None)
+    max_prompts: int | None = _help("Use only the first N prompts.", default=None)
+
+    # --- objective -------------------------------------------------------------------------------
+    divergence: Literal["reverse_kl", "forward_kl", "jsd"] = _help(
+        "Per-token divergence between the student's and the teacher's next-token distributions: reverse_kl "
+        "(KL(student||teacher), mode-seeking; the usual on-policy distillation loss), forward_kl "
+        "(KL(teacher||student)), or jsd (generalised Jensen-Shannon with `beta`).", default="reverse_kl")
+    beta: float | None = _help(
+        "Generalised JSD interpolation (divergence: jsd only; default 0.5). TRL's convention: 0 is forward KL, "
+        "1 reverse KL; reverse_kl / forward_kl set it.", default=None)
+    lmbda: float = _help(
+        "On-policy fraction λ (GKD, Agarwal et al. 2024): each optimizer step's completions are sampled by the "
+        "student with probability λ, else by the teacher (a seeded draw per step, the same on every process). "
+        "1: fully on-policy (TRL's DistillationTrainer).", default=1.0)
+    off_policy_loss: Literal["divergence", "sft"] = _help(
+        "Loss on teacher-sampled completions: divergence (supervised KD: the same divergence on the teacher's "
+        "samples), or sft (cross-entropy on the teacher's tokens: sequence-level KD, Kim & Rush 2016, i.e. SFT on "
+        "the teacher's own samples). lmbda: 0 with sft is the off-policy baseline.", default="divergence")
+    token_budget: int | None = _help(
+        "Stop once this many completion tokens have been trained on (all processes together), so on- and "
+        "off-policy runs compare at an equal number of student tokens. Null: max_steps / epochs decide.",
+        default=None)
+
+    # --- run control -----------------------------------------------------------------------------
+    resume_from_checkpoint: str | None = _help(
+        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
+        "the path of one checkpoint.", default=None)
+
+    # --- TRL defaults changed --------------------------------------------------------------------
+    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
+                            default="out/distill")
+    max_completion_length: int | None = _help(
+        "Tokens sampled per completion (TRL's default 512 is for chat models; the tiny task answers in a few).",
+        default=64)
+    restore_callback_states_from_checkpoint: bool = _help(
+        "Restore stateful callbacks on resume (transformers' default: off). On here: the completion-token "
+        "counters and the token_budget stop live in one (distill/train.py CompletionTokens).", default=True)
+    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails on "
+                              "a CPU machine).", default=None)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
+                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
+
+    def __post_init__(self):
+        if not torch.accelerator.is_available():
+            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine sets up
+            # world size 1 in every process; with it, gloo DDP of the real world size.
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.divergence == "jsd":
+            self.beta = 0.5 if self.beta is None else self.beta
+            if not 0.0 < self.beta < 1.0:
+                raise ValueError(f"beta={self.beta}: divergence jsd needs 0 < beta < 1 (beta 0 is forward_kl, "
+                                 f"1 is reverse_kl: name those instead)")
+        else:
+            if self.beta is not None and self.beta != DIVERGENCE_BETA[self.divergence]:
+                raise ValueError(f"beta={self.beta} contradicts divergence {self.divergence!r} (beta "
+                                 f"{DIVERGENCE_BETA[self.divergence]}); set divergence: jsd to interpolate")
+            self.beta = DIVERGENCE_BETA[self.divergence]
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda={self.lmbda}: the on-policy fraction must be between 0 and 1")
+        if (self.prompt_suite is None) == (self.sources is None):
+            raise ValueError("give exactly one of prompt_suite (a reward suite's prompts, e.g. arithmetic) and "
+                             f"sources (data with a `prompt` column); got prompt_suite={self.prompt_suite!r}, "
+                             f"sources={self.sources!r}")
+        super().__post_init__()

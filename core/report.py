@@ -25,7 +25,7 @@ def _stage_rows(run_dir: Path) -> list[dict]:
         tokens = [m["num_tokens"] for m in metrics if "num_tokens" in m]
         alerts = (out / "alerts.jsonl").read_text().splitlines() if (out / "alerts.jsonl").exists() else []
         rows.append({"name": name, "status": record.get("status", "not run"),
-                     "wall_seconds": record.get("wall_seconds"), "tokens": tokens[-1] if tokens else None,
+                     "wall_seconds": record.get("wall_seconds"), "tokens": int(tokens[-1]) if tokens else None,
                      "losses": {m["step"]: m["loss"] for m in metrics if m.get("loss") is not None},
                      "alerts": [json.loads(a) for a in alerts if a.strip()]})
     return rows

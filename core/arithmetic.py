@@ -43,15 +43,18 @@ def question(fact: Fact) -> str:
     return f"What is {expression(fact)}?"
 
 
-def reasoning(fact: Fact) -> str:
+def reasoning(fact: Fact, value: int | None = None) -> str:
     # The sentence form of the pretraining `builtin:math` source, so the base model has seen it.
     a, op, b = fact
-    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact)}."
+    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact) if value is None else value}."
 
 
-def reply(fact: Fact, think: bool) -> str:
-    """The assistant's answer: "12", or a think block with the reasoning sentence first."""
-    return f"<think>\n{reasoning(fact)}\n</think>\n{answer(fact)}" if think else str(answer(fact))
+def reply(fact: Fact, think: bool, value: int | None = None) -> str:
+    """The assistant's answer: "12", or a think block with the reasoning sentence first.
+
+    `value` replaces the true answer (preference data's rejected replies state a wrong one throughout)."""
+    value = answer(fact) if value is None else value
+    return f"<think>\n{reasoning(fact, value)}\n</think>\n{value}" if think else str(value)
 
 
 def split_of(split: str, seed: int = 0) -> list[Fact]:
@@ -82,4 +85,46 @@ def conversations(split: str = "train", seed: int = 0) -> list[dict]:
                                   {"role": "user", "content": question(second)},
                                   {"role": "assistant", "content": reply(second, think)}]})
     rng.shuffle(rows)
+    return rows
+
+
+# --- the preference form (issue 14): the same questions, a right and a wrong reply -----------------
+
+def wrong_answer(fact: Fact, rng: random.Random) -> int:
+    """A plausible mistake: the other operation's result when it differs (7+5 -> 35), else the true
+    answer off by 1 to 3 (never negative)."""
+    a, op, b = fact
+    other = a * b if op == "+" else a + b
+    if other != answer(fact) and rng.random() < 0.5:
+        return other
+    candidates = [answer(fact) + d for d in (-3, -2, -1, 1, 2, 3) if answer(fact) + d >= 0]
+    return rng.choice(candidates)
+
+
+def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
+    """Conversational prompt/chosen/rejected rows: every fact of the split once per reasoning mode,
+    chosen = the true reply, rejected = the same reply stating `wrong_answer`; shuffled.
+
+    Same fact split as `conversations` (the test facts never appear under `split: train`). Each row
+    carries `chat_template_kwargs.enable_thinking` for its mode, as the SFT data does."""
+    rng = random.Random(seed)
+    rows = []
+    for think in (True, False):
+        for fact in split_of(split):
+            rows.append({"prompt": [{"role": "user", "content": question(fact)}],
+                         "chosen": [{"role": "assistant", "content": reply(fact, think)}],
+                         "rejected": [{"role": "assistant", "content": reply(fact, think, wrong_answer(fact, rng))}],
+                         "chat_template_kwargs": {"enable_thinking": think}})
+    rng.shuffle(rows)
+    return rows
+
+
+def kto_rows(split: str = "train", seed: int = 0) -> list[dict]:
+    """The unpaired (KTO) form of `preference_pairs`: each pair as two prompt/completion/label rows,
+    desirable (label true) and undesirable (false), pairs kept adjacent."""
+    rows = []
+    for pair in preference_pairs(split, seed):
+        for name, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": pair["prompt"], "completion": pair[name], "label": label,
+                         "chat_template_kwargs": pair["chat_template_kwargs"]})
     return rows

@@ -5,6 +5,7 @@ A source is a mapping in a recipe's `sources` list, with the same keys in every 
     {path: "builtin:arithmetic", name: arithmetic, weight: 0.7, max_rows: 20000}        # pretraining
     {path: data/web.jsonl, text_field: text, filters: [gopher_repetition], dedup: true}  # pretraining
     {path: "builtin:arithmetic_chat", split: train}                                       # SFT
+    {path: "builtin:arithmetic_pairs", split: train}                                      # preference
     {path: "hf:HuggingFaceTB/smoltalk", subset: all, split: train, max_rows: 5000}        # SFT, needs network
 
 Keys:
@@ -332,6 +333,16 @@ def _arithmetic_chat(split: str, seed: int) -> Iterator[dict]:
     yield from arithmetic.conversations(split, seed)
 
 
+def _arithmetic_pairs(split: str, seed: int) -> Iterator[dict]:
+    """Preference rows (`prompt`/`chosen`/`rejected`): a right and a wrong reply (core/arithmetic.py)."""
+    yield from arithmetic.preference_pairs(split, seed)
+
+
+def _arithmetic_kto(split: str, seed: int) -> Iterator[dict]:
+    """KTO rows (`prompt`/`completion`/`label`): the pairs above, unpaired (core/arithmetic.py)."""
+    yield from arithmetic.kto_rows(split, seed)
+
+
 # The one table of built-in generators: `(split, seed) -> rows`. Every stage reads them by name.
 BUILTIN_SOURCES: dict[str, Callable[[str, int], Iterator[dict]]] = {
     "arithmetic": _arithmetic_text,
@@ -339,6 +350,8 @@ BUILTIN_SOURCES: dict[str, Callable[[str, int], Iterator[dict]]] = {
     "code": _code,
     "math": _math,
     "arithmetic_chat": _arithmetic_chat,
+    "arithmetic_pairs": _arithmetic_pairs,
+    "arithmetic_kto": _arithmetic_kto,
 }
 
 

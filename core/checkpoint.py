@@ -57,7 +57,7 @@ def save_checkpoint(
     *,
     stage: str,
     recipe: dict,
-    parent: str | None,
+    parent: str | os.PathLike | list | None,
     data_fingerprint: str | None = None,
     metrics: dict | None = None,
     state_dict: dict | None = None,
@@ -79,7 +79,8 @@ def save_checkpoint(
         {
             "stage": stage,
             "recipe": recipe,
-            "parent": None if parent is None else str(parent),
+            # A merge has several parents (preference/merge.py): a list of them.
+            "parent": None if parent is None else [str(p) for p in parent] if isinstance(parent, list) else str(parent),
             "data_fingerprint": data_fingerprint,
             "versions": library_versions(),
             "git": git_revision(),

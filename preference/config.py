@@ -125,8 +125,9 @@ class PreferenceConfig(trl.DPOConfig):
             self.loss_type = ["sigmoid"] if self.method == "dpo" else ["kto"]
         if self.method == "kto" and self.train_sampling_strategy == "random":
             self.train_sampling_strategy = trl.KTOConfig.__dataclass_fields__["train_sampling_strategy"].default
-        super().__post_init__()
+        # Before TRL's __post_init__, which resolves some values (pad_to_multiple_of "auto" -> None).
         self._check_method_fields()
+        super().__post_init__()
         if self.method == "dpo":
             unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
             if unknown:

@@ -255,10 +255,15 @@ def test_every_recipe_parses(path):
     from rewards.config import EvaluateConfig
     from sft.config import SFTConfig
     from sft.data import SOURCE_KEYS
+    from preference.build_pairs import BuildPairsConfig
+    from preference.config import PreferenceConfig
+    from preference.data import SOURCE_KEYS as PREFERENCE_SOURCE_KEYS
+    from preference.merge import MergeConfig
 
     classes = {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
                "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-               "core.export": (ExportConfig, None)}
+               "core.export": (ExportConfig, None), "preference": (PreferenceConfig, PREFERENCE_SOURCE_KEYS),
+               "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None)}
     assert stage in classes, f"{path}: no config class known for stage {stage!r}"
     config_class, source_keys = classes[stage]
     (config,) = parse_recipe(config_class, args=["--config", str(path)])

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,12 +136,22 @@ def final_model(cfg: PreferenceConfig, trainer):
     return trainer.model, trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def run(cfg: PreferenceConfig) -> dict:
+@dataclass
+class PreparedRun:
+    """A run ready to train: the trainer, and what the final save needs."""
+
+    trainer: DPOTrainer | KTOTrainer | ORPOTrainer
+    resume_from: str | None
+    fingerprint: str
+    stop_ids: list[int] | int | None
+    summary: str
+
+
+def prepare(cfg: PreferenceConfig) -> PreparedRun:
+    """Everything before training: the run directory, tokenizer, data checks, model, reference, trainer."""
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to train (e.g. out/tiny/sft)")
-    out = Path(cfg.output_dir)
-    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
-    resume_from = str(resume_from) if resume_from is not None else None
+    resume_from = resume_point(Path(cfg.output_dir), TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
     args = trainer_args(cfg)
     if cfg.use_peft and args.fsdp:
         raise ValueError("use_peft with FSDP is not supported by the preference stage: the merged LoRA weights "
@@ -163,29 +174,36 @@ def run(cfg: PreferenceConfig) -> dict:
     trainer = TRAINERS[cfg.method](
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=peft_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()], **trainer_kwargs)
-    accelerator = trainer.accelerator
-    out.mkdir(parents=True, exist_ok=True)
     loss = "" if cfg.method == "orpo" else f", loss_type {cfg.loss_type}" + (
         f" weights {cfg.loss_weights}" if cfg.loss_weights else "")
-    accelerator.print(
-        f"preference: method {cfg.method}{loss}, beta {cfg.beta}; {accelerator.num_processes} process(es) (world size "
-        f"{args.world_size}, {accelerator.distributed_type}); {len(rows)} rows, longest {max(lengths)} tokens"
-        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
+    summary = (f"preference: method {cfg.method}{loss}, beta {cfg.beta}; {trainer.accelerator.num_processes} "
+               f"process(es) (world size {args.world_size}, {trainer.accelerator.distributed_type}); {len(rows)} rows, "
+               f"longest {max(lengths)} tokens"
+               + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
+    return PreparedRun(trainer, None if resume_from is None else str(resume_from), fingerprint, stop_ids, summary)
 
-    result = trainer.train(resume_from_checkpoint=resume_from)
+
+def run(cfg: PreferenceConfig) -> dict:
+    prepared = prepare(cfg)
+    trainer = prepared.trainer
+    accelerator = trainer.accelerator
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    accelerator.print(prepared.summary)
+    if prepared.resume_from is not None:
+        accelerator.print(f"resuming from {prepared.resume_from}")
+
+    result = trainer.train(resume_from_checkpoint=prepared.resume_from)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     metrics.update({f"last/{k}": v for k, v in last_log.items() if isinstance(v, (int, float))})
 
     final, state_dict = final_model(cfg, trainer)
     if accelerator.is_main_process:
-        final.generation_config.eos_token_id = stop_ids
-        final.generation_config.pad_token_id = tokenizer.pad_token_id
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage=f"preference/{cfg.method}",
-                        recipe=resolved_recipe(cfg), parent=cfg.model_name_or_path, data_fingerprint=fingerprint,
-                        metrics=metrics, state_dict=state_dict)
+        final.generation_config.eos_token_id = prepared.stop_ids
+        final.generation_config.pad_token_id = trainer.processing_class.pad_token_id
+        save_checkpoint(cfg.output_dir, final, trainer.processing_class, stage=f"preference/{cfg.method}",
+                        recipe=resolved_recipe(cfg), parent=cfg.model_name_or_path,
+                        data_fingerprint=prepared.fingerprint, metrics=metrics, state_dict=state_dict)
         print(f"final train loss {metrics.get('train_loss', float('nan')):.4f}; model written to {cfg.output_dir}")
     accelerator.wait_for_everyone()
     return metrics

@@ -163,6 +163,10 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
         raise ValueError(f"{origins[0]} is conversational but the tokenizer of {cfg.model_name_or_path} has no chat "
                          f"template; set chat_template (e.g. smollm3)")
     lengths = validate_rows(rows, origins, cfg.method, tokenizer, cfg.max_length, cfg.truncation)
+    if any("chat_template_kwargs" in row for row in rows):
+        # TRL unpacks each row's mapping; a source without the column (e.g. build_pairs' output beside
+        # the built-in pairs) would reach it as None. An empty mapping renders with the template's defaults.
+        rows = [{**row, "chat_template_kwargs": row.get("chat_template_kwargs") or {}} for row in rows]
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
     model = load_model(cfg, tokenizer)
     stop_ids = stop_token_ids(cfg, model, tokenizer)

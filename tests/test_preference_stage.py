@@ -222,6 +222,18 @@ def test_conversational_pairs_share_the_rendered_prompt(tmp_path, chat_base):
         assert tokenizer.decode(tokenized["chosen_ids"]).endswith("<|im_end|>\n")
 
 
+def test_sources_with_and_without_template_kwargs_train_together(tmp_path, chat_base):
+    """build_pairs' rows carry no chat_template_kwargs, the built-in pairs do: one dataset takes both."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "What is 2+2?"}],
+                                "chosen": [{"role": "assistant", "content": "4"}],
+                                "rejected": [{"role": "assistant", "content": "5"}]}) + "\n")
+    cfg = PreferenceConfig(model_name_or_path=str(chat_base), output_dir=str(tmp_path / "run"), report_to="none",
+                           sources=[{"path": "builtin:arithmetic_pairs", "max_rows": 2}, {"path": str(data)}])
+    dataset = prepare(cfg).trainer.train_dataset
+    assert len(dataset) == 3 and all(len(row["chosen_ids"]) > 0 for row in dataset)
+
+
 # --- bad data --------------------------------------------------------------------------------------
 
 GOOD = {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"}

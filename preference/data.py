@@ -13,7 +13,10 @@ Row formats are TRL's (ARCHITECTURE.md):
   - paired with an implicit prompt: `chosen` and `rejected` are whole conversations that share
     their first turns (the prompt; TRL's `extract_prompt` takes the longest common prefix);
   - unpaired (kto only): `prompt`, `completion`, `label` (bool: desirable or not).
-  KTO takes paired rows too: TRL unpairs them (chosen -> label true, rejected -> label false).
+  KTO takes paired rows too: `unpair` splits each into a desirable (chosen, label true) and an
+  undesirable (rejected, label false) row, side by side. TRL's own `unpair_preference_dataset` puts
+  a block of up to 1000 chosen rows before their rejected ones, and KTO's sequential sampling then
+  trains on batches of a single label.
 An optional `chat_template_kwargs` mapping per row is passed to the chat template (TRL does the
 same), e.g. `{enable_thinking: false}` to render a row in SmolLM3's no-think mode.
 
@@ -141,6 +144,20 @@ def check_row(row: dict, where: str) -> str:
         if not isinstance(row["label"], bool):
             raise PreferenceDataError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
     return kind
+
+
+def unpair(rows: list[dict]) -> list[dict]:
+    """Paired rows as KTO rows, each pair's desirable and undesirable rows adjacent (see the module docstring)."""
+    from trl.data_utils import extract_prompt
+
+    unpaired = []
+    for row in rows:
+        if "prompt" not in row or row["prompt"] is None:
+            row = {**row, **extract_prompt(row)}
+        rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+        unpaired.append({**rest, "completion": row["chosen"], "label": True})
+        unpaired.append({**rest, "completion": row["rejected"], "label": False})
+    return unpaired
 
 
 def validate_rows(rows: list[dict], origins: list[str], method: str, tokenizer, max_length: int | None,

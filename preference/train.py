@@ -11,6 +11,8 @@ Where we deviate from TRL (all here or in preference/config.py, preference/data.
     reference from `model_name_or_path` itself, but (1.16, `create_model_from_path`) it reads
     `config.auto_map`, which a config registered in-process (our core's) lacks, and a reload would
     miss control tokens the chat template added (embeddings resized here);
+  - KTO on paired rows: each pair becomes two adjacent rows (desirable, undesirable) before the
+    trainer sees them; TRL's unpairing would give batches of a single label (preference/data.py);
   - ORPO (the experimental trainer, tokenising as TRL's older trainers did) splits prompt and reply
     at one token position shared by chosen and rejected: the prefix of prompt, prompt + chosen and
     prompt + rejected that all three tokenise alike. TRL's ORPO splits each of the two at its own
@@ -54,7 +56,7 @@ from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import PreferenceConfig, trainer_args
-from .data import load_sources, validate_rows
+from .data import load_sources, unpair, validate_rows
 
 
 class DPOTrainer(FaultInjectionMixin, trl.DPOTrainer):
@@ -163,6 +165,8 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
         raise ValueError(f"{origins[0]} is conversational but the tokenizer of {cfg.model_name_or_path} has no chat "
                          f"template; set chat_template (e.g. smollm3)")
     lengths = validate_rows(rows, origins, cfg.method, tokenizer, cfg.max_length, cfg.truncation)
+    if cfg.method == "kto" and "chosen" in rows[0]:
+        rows = unpair(rows)
     if any("chat_template_kwargs" in row for row in rows):
         # TRL unpacks each row's mapping; a source without the column (e.g. build_pairs' output beside
         # the built-in pairs) would reach it as None. An empty mapping renders with the template's defaults.

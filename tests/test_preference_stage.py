@@ -87,6 +87,7 @@ STEP_ZERO = {
     "dpo_lora": ({"use_peft": True, "lora_r": 4, "lora_alpha": 8}, math.log(2)),
     # KTO: 1 - sigmoid(beta x (0 - KL 0)) = 0.5 for desirable and undesirable rows alike.
     "kto": ({"method": "kto", "sources": [{"path": "builtin:arithmetic_kto", "max_rows": 16}]}, 0.5),
+    "kto_on_pairs": ({"method": "kto"}, 0.5),  # TRL unpairs them: chosen desirable, rejected undesirable
 }
 
 
@@ -97,9 +98,10 @@ def test_step_zero_loss_and_rewards_with_the_reference_equal_to_the_policy(tmp_p
     assert first["step"] == 1
     assert first["loss"] == pytest.approx(expected_loss, abs=1e-5)
     # Precomputed reference log-probs come from other (padded) batches: equal up to float rounding.
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", *(("kl",) if case == "kto" else ())):
+    kto = ("kl",) if case.startswith("kto") else ()
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", *kto):
         assert first[name] == pytest.approx(0.0, abs=1e-6), name
-    else:
+    if not kto:
         assert first["logps/chosen"] != first["logps/rejected"]  # the pair does differ; only the ratios are 0
 
 

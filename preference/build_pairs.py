@@ -8,7 +8,7 @@
 Self mode: sample `num_samples` (k) completions per prompt of the suite's `split` from the policy
 (vLLM when installed, colocated in this process; else transformers' generate: core/generation.py),
 score each with the suite's reward functions (the weighted total, exactly as `rewards.evaluate`
-scores: `score_samples`), and pair the best completion (chosen) with the worst (rejected). A prompt
+scores: `score_samples`; or one of them, `pair_reward`), and pair the best completion (chosen) with the worst (rejected). A prompt
 whose scored completions all tie (all right, or all wrong and alike), or with fewer than two
 scored, gives no pair.
 
@@ -63,6 +63,9 @@ class BuildPairsConfig:
     max_prompts: int | None = _help("Use only the first N prompts.", default=None)
     strong_model_name_or_path: str | None = _help(
         "Strong-vs-weak mode: chosen comes from this (stronger) checkpoint, rejected from the policy.", default=None)
+    pair_reward: str | None = _help(
+        "The reward that ranks completions: one of the suite's rewards (e.g. accuracy), or null for the suite's "
+        "weighted total, as evaluation ranks them.", default=None)
     output_format: Literal["pairs", "kto"] = _help(
         "pairs: prompt/chosen/rejected rows (dpo, orpo); kto: prompt/completion/label rows.", default="pairs")
     num_samples: int = _help("Completions sampled per prompt and per model (k).", default=8)
@@ -125,7 +128,9 @@ def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -
     graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
     kept = [[tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in ss] for ss in samples]
     rewards = score_samples(suite, rows, samples, graded, conversational)
-    totals = weighted_total(rewards, suite.reward_weights)
+    if cfg.pair_reward is not None and cfg.pair_reward not in rewards:
+        raise ValueError(f"pair_reward={cfg.pair_reward!r} is not a reward of suite {suite.name!r}: {sorted(rewards)}")
+    totals = weighted_total(rewards, suite.reward_weights) if cfg.pair_reward is None else rewards[cfg.pair_reward]
     k = cfg.num_samples
     print(f"{model_path}: {len(rows)} prompts x {k} samples ({backend}), mean score "
           f"{_mean(totals):.4f}, truncated {sum(s.truncated for ss in samples for s in ss)}")

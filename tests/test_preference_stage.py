@@ -382,6 +382,10 @@ def test_build_pairs_pairs_best_with_worst_and_counts_prompts_without_a_pair(tmp
         assert row["rejected"][0]["content"] != answer and row["score_chosen"] > row["score_rejected"]
     validate_rows(rows, [f"row {i}" for i in range(len(rows))], "dpo", tokenizer, 256, False)
 
+    with pytest.raises(ValueError, match=r"pair_reward='helpfulness' is not a reward of suite 'arithmetic'"):
+        build_pairs_module.main(["--model_name_or_path", str(weak), "--output_dir", str(tmp_path / "other"),
+                                 "--pair_reward", "helpfulness", *common])
+
     # Every strong sample is right: self mode has nothing to prefer, every prompt is a tie.
     with pytest.raises(ValueError, match=r"no prompt gave a pair \(\{'tied': 5"):
         build_pairs_module.main(["--model_name_or_path", str(strong), "--output_dir", str(tmp_path / "tied"),

@@ -43,15 +43,18 @@ def question(fact: Fact) -> str:
     return f"What is {expression(fact)}?"
 
 
-def reasoning(fact: Fact) -> str:
+def reasoning(fact: Fact, value: int | None = None) -> str:
     # The sentence form of the pretraining `builtin:math` source, so the base model has seen it.
     a, op, b = fact
-    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact)}."
+    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact) if value is None else value}."
 
 
-def reply(fact: Fact, think: bool) -> str:
-    """The assistant's answer: "12", or a think block with the reasoning sentence first."""
-    return f"<think>\n{reasoning(fact)}\n</think>\n{answer(fact)}" if think else str(answer(fact))
+def reply(fact: Fact, think: bool, value: int | None = None) -> str:
+    """The assistant's answer: "12", or a think block with the reasoning sentence first.
+
+    `value` replaces the true answer (preference data's rejected replies state a wrong one throughout)."""
+    value = answer(fact) if value is None else value
+    return f"<think>\n{reasoning(fact, value)}\n</think>\n{value}" if think else str(value)
 
 
 def split_of(split: str, seed: int = 0) -> list[Fact]:
@@ -85,6 +88,48 @@ def conversations(split: str = "train", seed: int = 0) -> list[dict]:
     return rows
 
 
+# --- the preference form (issue 14): the same questions, a right and a wrong reply -----------------
+
+def wrong_answer(fact: Fact, rng: random.Random) -> int:
+    """A plausible mistake: the other operation's result when it differs (7+5 -> 35), else the true
+    answer off by 1 to 3 (never negative)."""
+    a, op, b = fact
+    other = a * b if op == "+" else a + b
+    if other != answer(fact) and rng.random() < 0.5:
+        return other
+    candidates = [answer(fact) + d for d in (-3, -2, -1, 1, 2, 3) if answer(fact) + d >= 0]
+    return rng.choice(candidates)
+
+
+def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
+    """Conversational prompt/chosen/rejected rows: every fact of the split once per reasoning mode,
+    chosen = the true reply, rejected = the same reply stating `wrong_answer`; shuffled.
+
+    Same fact split as `conversations` (the test facts never appear under `split: train`). Each row
+    carries `chat_template_kwargs.enable_thinking` for its mode, as the SFT data does."""
+    rng = random.Random(seed)
+    rows = []
+    for think in (True, False):
+        for fact in split_of(split):
+            rows.append({"prompt": [{"role": "user", "content": question(fact)}],
+                         "chosen": [{"role": "assistant", "content": reply(fact, think)}],
+                         "rejected": [{"role": "assistant", "content": reply(fact, think, wrong_answer(fact, rng))}],
+                         "chat_template_kwargs": {"enable_thinking": think}})
+    rng.shuffle(rows)
+    return rows
+
+
+def kto_rows(split: str = "train", seed: int = 0) -> list[dict]:
+    """The unpaired (KTO) form of `preference_pairs`: each pair as two prompt/completion/label rows,
+    desirable (label true) and undesirable (false), pairs kept adjacent."""
+    rows = []
+    for pair in preference_pairs(split, seed):
+        for name, label in (("chosen", True), ("rejected", False)):
+            rows.append({"prompt": pair["prompt"], "completion": pair[name], "label": label,
+                         "chat_template_kwargs": pair["chat_template_kwargs"]})
+    return rows
+
+
 # --- preference pairs: what a reward model for the arithmetic assistant learns (issue 16) ----------
 
 # Hedging and padding an answer says nothing more: the "rambling" side of a pair. Sentences are drawn
@@ -99,20 +144,6 @@ _FILLER = (
     "Some people find this kind of question hard, and that is fine.",
     "Let me write it out step by step before I answer.",
 )
-
-
-def wrong_answer(fact: Fact, rng: random.Random) -> int:
-    """A plausible wrong answer: off by 1 to 3 (never negative)."""
-    right = answer(fact)
-    return rng.choice([right + d for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0])
-
-
-def wrong_reply(fact: Fact, think: bool, rng: random.Random) -> str:
-    """`reply` with a wrong answer, its reasoning sentence wrong the same way: as concise as the right one."""
-    a, op, b = fact
-    wrong = wrong_answer(fact, rng)
-    sentence = f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {wrong}."
-    return f"<think>\n{sentence}\n</think>\n{wrong}" if think else str(wrong)
 
 
 def rambling_reply(fact: Fact, think: bool, rng: random.Random) -> str:
@@ -137,7 +168,7 @@ def evasive_reply(fact: Fact, think: bool, rng: random.Random) -> str:
     return f"<think>\n{rng.choice(_EVASIVE)}\n</think>\n{text}" if think else text
 
 
-def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
+def reward_model_pairs(split: str = "train", seed: int = 0) -> list[dict]:
     """Preference rows (TRL's conversational format with an explicit prompt): for every fact of the split
     and each reasoning mode, the concise right `reply` is `chosen` over a concise wrong one (`kind: wrong`),
     a rambling right one (`kind: rambling`) and one with no answer (`kind: evasive`); 6 rows per fact, in a
@@ -149,7 +180,7 @@ def preference_pairs(split: str = "train", seed: int = 0) -> list[dict]:
         prompt = [{"role": "user", "content": question(fact)}]
         for think in (True, False):
             chosen = [{"role": "assistant", "content": reply(fact, think)}]
-            for kind, rejected in (("wrong", wrong_reply(fact, think, rng)),
+            for kind, rejected in (("wrong", reply(fact, think, wrong_answer(fact, rng))),
                                    ("rambling", rambling_reply(fact, think, rng)),
                                    ("evasive", evasive_reply(fact, think, rng))):
                 rows.append({"prompt": prompt, "chosen": chosen,

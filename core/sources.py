@@ -6,6 +6,7 @@ A source is a mapping in a recipe's `sources` list, with the same keys in every 
     {path: data/web.jsonl, text_field: text, filters: [gopher_repetition], dedup: true}  # pretraining
     {path: "builtin:arithmetic_chat", split: train}                                       # SFT
     {path: "builtin:arithmetic_preferences", split: test}                                 # reward model
+    {path: "builtin:arithmetic_pairs", split: train}                                      # preference
     {path: "hf:HuggingFaceTB/smoltalk", subset: all, split: train, max_rows: 5000}        # SFT, needs network
 
 Keys:
@@ -335,8 +336,18 @@ def _arithmetic_chat(split: str, seed: int) -> Iterator[dict]:
 
 def _arithmetic_preferences(split: str, seed: int) -> Iterator[dict]:
     """Preference rows (`prompt`/`chosen`/`rejected` message lists) for a reward model of the arithmetic
-    assistant: the concise right answer over a wrong, a rambling or an evasive one (core/arithmetic.py: preference_pairs)."""
+    assistant: the concise right answer over a wrong, a rambling or an evasive one (core/arithmetic.py: reward_model_pairs)."""
+    yield from arithmetic.reward_model_pairs(split, seed)
+
+
+def _arithmetic_pairs(split: str, seed: int) -> Iterator[dict]:
+    """Preference rows (`prompt`/`chosen`/`rejected`): a right and a wrong reply (core/arithmetic.py)."""
     yield from arithmetic.preference_pairs(split, seed)
+
+
+def _arithmetic_kto(split: str, seed: int) -> Iterator[dict]:
+    """KTO rows (`prompt`/`completion`/`label`): the pairs above, unpaired (core/arithmetic.py)."""
+    yield from arithmetic.kto_rows(split, seed)
 
 
 # The one table of built-in generators: `(split, seed) -> rows`. Every stage reads them by name.
@@ -347,6 +358,8 @@ BUILTIN_SOURCES: dict[str, Callable[[str, int], Iterator[dict]]] = {
     "math": _math,
     "arithmetic_chat": _arithmetic_chat,
     "arithmetic_preferences": _arithmetic_preferences,
+    "arithmetic_pairs": _arithmetic_pairs,
+    "arithmetic_kto": _arithmetic_kto,
 }
 
 

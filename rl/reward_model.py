@@ -14,7 +14,7 @@ Data (core/sources.py `sources`): rows with `chosen` and `rejected`, and optiona
 two formats: strings (standard: the text is scored as it is, with the tokenizer's eos appended, as TRL
 does) or message lists (conversational: `prompt + chosen` rendered with the chat template). Optional
 columns: `margin` (a number), `chat_template_kwargs` (e.g. {enable_thinking: false}), `tools`.
-`builtin:arithmetic_preferences` (core/arithmetic.py `preference_pairs`) holds the arithmetic
+`builtin:arithmetic_preferences` (core/arithmetic.py `reward_model_pairs`) holds the arithmetic
 assistant's pairs: the concise right answer over a concise wrong one, a rambling right one, or one with no answer.
 
 Steps, in order: parse the recipe (rl/reward_model_config.py); load the tokenizer and install the chat

@@ -55,6 +55,10 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     from core.export import ExportConfig
     from distill.config import DistillConfig
     from distill.data import SOURCE_KEYS as DISTILL_SOURCE_KEYS
+    from preference.build_pairs import BuildPairsConfig
+    from preference.config import PreferenceConfig
+    from preference.data import SOURCE_KEYS as PREFERENCE_SOURCE_KEYS
+    from preference.merge import MergeConfig
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
@@ -66,7 +70,8 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     return {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
             "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
             "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS),
-            "distill": (DistillConfig, DISTILL_SOURCE_KEYS)}
+            "distill": (DistillConfig, DISTILL_SOURCE_KEYS), "preference": (PreferenceConfig, PREFERENCE_SOURCE_KEYS),
+            "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

@@ -1,0 +1,237 @@
+"""Build preference pairs on-policy, as the SmolLM3 team built its APO data.
+
+    python -m preference.build_pairs --model_name_or_path out/tiny/sft --suite arithmetic --output_dir out/tiny/pairs
+    python -m preference.build_pairs --model_name_or_path out/tiny/sft --strong_model_name_or_path out/big/sft \
+        --suite arithmetic --output_dir out/tiny/pairs-strong           # "strong vs weak"
+    python -m preference.build_pairs --config recipes/tiny/build_pairs.yaml
+
+Self mode: sample `num_samples` (k) completions per prompt of the suite's `split` from the policy
+(vLLM when installed, colocated in this process; else transformers' generate: core/generation.py),
+score each with the suite's reward functions (the weighted total, exactly as `rewards.evaluate`
+scores: `score_samples`; or one of them, `pair_reward`), and pair the best completion (chosen) with the worst (rejected). A prompt
+whose scored completions all tie (all right, or all wrong and alike), or with fewer than two
+scored, gives no pair.
+
+Strong-vs-weak mode (`strong_model_name_or_path`): chosen is the best of the stronger checkpoint's
+k samples, rejected the worst of the policy's (SmolLM3 paired Qwen3-32B against Qwen3-0.6B). The
+suite still judges: a prompt where the strong model's best does not score above the policy's worst
+gives no pair, rather than teaching a preference the reward contradicts.
+
+Output, in `output_dir` (a file there is never overwritten):
+  - `pairs.jsonl` (`output_format: pairs`): TRL preference rows, conversational when the policy's
+    tokenizer has a chat template: {"prompt": [user msg], "chosen": [assistant msg], "rejected":
+    [assistant msg], "score_chosen": ..., "score_rejected": ...}; strings otherwise;
+  - `kto.jsonl` (`output_format: kto`): the same pairs as KTO rows, chosen with label true and
+    rejected with label false;
+  - `summary.json`: counts (prompts, pairs, prompts without a pair and why) and the settings.
+Both jsonl files are `core.sources` sources: `{path: out/tiny/pairs/pairs.jsonl}` in a recipe.
+
+The completion text written is the sampled tokens decoded with their special tokens kept (the
+chat template re-renders them when training), scored as evaluation scores them (special tokens
+skipped). Completions are sampled in the template's default mode (SmolLM3: /think).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from core.generation import GenerationSettings, generate_transformers, generate_vllm
+from core.recipe import parse_recipe, resolved_recipe
+from rewards.evaluate import eos_token_ids, prompt_token_ids, resolve_backend, score_samples
+from rewards.functions import weighted_total
+from rewards.suites import get_suite, load_rows
+from rewards.verifier_pool import configure_default_pool
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class BuildPairsConfig:
+    model_name_or_path: str = _help("The policy: the checkpoint that samples (its worst completion is rejected).")
+    output_dir: str = _help("Where pairs.jsonl / kto.jsonl and summary.json are written.")
+    suite: str = _help("Reward suite that scores the completions and supplies the prompts (rewards/suites.py).",
+                       default="arithmetic")
+    split: Literal["train", "test"] = _help("The suite's split to take prompts from; keep `test` for evaluation.",
+                                            default="train")
+    data_path: str | None = _help("Local jsonl file for the gsm8k / math suites.", default=None)
+    max_prompts: int | None = _help("Use only the first N prompts.", default=None)
+    strong_model_name_or_path: str | None = _help(
+        "Strong-vs-weak mode: chosen comes from this (stronger) checkpoint, rejected from the policy.", default=None)
+    pair_reward: str | None = _help(
+        "The reward that ranks completions: one of the suite's rewards (e.g. accuracy), or null for the suite's "
+        "weighted total, as evaluation ranks them.", default=None)
+    output_format: Literal["pairs", "kto"] = _help(
+        "pairs: prompt/chosen/rejected rows (dpo, orpo); kto: prompt/completion/label rows.", default="pairs")
+    num_samples: int = _help("Completions sampled per prompt and per model (k).", default=8)
+    temperature: float = _help("Sampling temperature (> 0: the k samples must differ).", default=1.0)
+    top_p: float = _help("Nucleus sampling threshold (1.0: off).", default=1.0)
+    max_new_tokens: int | None = _help("Completion length limit. Default: the suite's.", default=None)
+    backend: Literal["auto", "vllm", "transformers"] = _help(
+        "Generation backend: auto = vLLM when installed (colocated, in this process), else transformers.",
+        default="auto")
+    dtype: str = _help("Weights dtype for both backends: auto (as saved), float32, bfloat16 or float16.",
+                       default="auto")
+    seed: int = _help("Sampling seed (both backends).", default=0)
+    batch_size: int = _help("Prompts per transformers generate call.", default=32)
+    vllm_kv_cache_memory_bytes: int = _help(
+        "KV-cache size for vLLM (explicit: on CPU vLLM's default reserves a fraction of host RAM).",
+        default=256 << 20)
+    item_timeout_s: float = _help("Hard wall-clock limit per graded answer (math-verify in worker processes).",
+                                  default=5.0)
+
+    def __post_init__(self):
+        if self.num_samples < 1 or (self.strong_model_name_or_path is None and self.num_samples < 2):
+            raise ValueError(f"num_samples={self.num_samples}: self mode pairs the best of k samples with the worst, "
+                             f"so k must be >= 2 (>= 1 in strong-vs-weak mode)")
+        if self.temperature <= 0 and self.num_samples > 1:
+            raise ValueError(f"temperature={self.temperature} with num_samples={self.num_samples}: greedy samples "
+                             f"are all the same completion; sample with temperature > 0")
+
+
+@dataclass
+class Scored:
+    """One model's completions of one prompt: text to train on, and the suite's weighted total (None: unscored)."""
+
+    texts: list[str]
+    scores: list[float | None]
+
+
+def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -> tuple[list[Scored], bool]:
+    """k completions per row from `model_path`, scored; and whether its tokenizer renders chats."""
+    from transformers import AutoTokenizer
+
+    suite = get_suite(cfg.suite)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    conversational = bool(tokenizer.chat_template)
+    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], use_chat_template=True)
+    eos_ids = eos_token_ids(model_path, tokenizer)
+    settings = GenerationSettings(
+        max_new_tokens=suite.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
+        num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype)
+    backend = resolve_backend(cfg.backend)
+    if backend == "vllm":
+        samples = generate_vllm(model_path, prompts, eos_ids, settings, cfg.vllm_kv_cache_memory_bytes)
+    else:
+        import core  # noqa: F401  (registers the core with the Auto classes)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=cfg.dtype)
+        samples = generate_transformers(model, prompts, eos_ids, settings, cfg.batch_size)
+        del model
+    # Scored as rewards.evaluate scores (special tokens skipped); kept with them for training.
+    graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
+    kept = [[tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in ss] for ss in samples]
+    rewards = score_samples(suite, rows, samples, graded, conversational)
+    if cfg.pair_reward is not None and cfg.pair_reward not in rewards:
+        raise ValueError(f"pair_reward={cfg.pair_reward!r} is not a reward of suite {suite.name!r}: {sorted(rewards)}")
+    totals = weighted_total(rewards, suite.reward_weights) if cfg.pair_reward is None else rewards[cfg.pair_reward]
+    k = cfg.num_samples
+    print(f"{model_path}: {len(rows)} prompts x {k} samples ({backend}), mean score "
+          f"{_mean(totals):.4f}, truncated {sum(s.truncated for ss in samples for s in ss)}")
+    return [Scored(kept[i], totals[i * k:(i + 1) * k]) for i in range(len(rows))], conversational
+
+
+def _mean(values: list[float | None]) -> float:
+    scored = [v for v in values if v is not None]
+    return sum(scored) / len(scored) if scored else float("nan")
+
+
+def _extreme(scored: Scored, best: bool) -> tuple[str, float] | None:
+    """The first completion with the highest (best) or lowest score; None when nothing was scored."""
+    candidates = [(score, i) for i, score in enumerate(scored.scores) if score is not None]
+    if not candidates:
+        return None
+    score = max(candidates)[0] if best else min(candidates)[0]
+    index = next(i for s, i in candidates if s == score)
+    return scored.texts[index], score
+
+
+def choose_pair(chosen_from: Scored, rejected_from: Scored) -> tuple[tuple[str, float, str, float] | None, str]:
+    """(chosen text, score, rejected text, score) or None, and why there is no pair."""
+    best, worst = _extreme(chosen_from, best=True), _extreme(rejected_from, best=False)
+    if best is None or worst is None:
+        return None, "unscored"
+    if best[1] <= worst[1]:
+        return None, "tied"
+    if best[0] == worst[0]:
+        return None, "same_text"
+    return (best[0], best[1], worst[0], worst[1]), ""
+
+
+def pair_rows(prompt: str, pair: tuple[str, float, str, float], conversational: bool, output_format: str) -> list[dict]:
+    chosen, chosen_score, rejected, rejected_score = pair
+    if conversational:
+        prompt_field = [{"role": "user", "content": prompt}]
+        chosen_field = [{"role": "assistant", "content": chosen}]
+        rejected_field = [{"role": "assistant", "content": rejected}]
+    else:
+        prompt_field, chosen_field, rejected_field = prompt, chosen, rejected
+    if output_format == "kto":
+        return [{"prompt": prompt_field, "completion": chosen_field, "label": True, "score": chosen_score},
+                {"prompt": prompt_field, "completion": rejected_field, "label": False, "score": rejected_score}]
+    return [{"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
+             "score_chosen": chosen_score, "score_rejected": rejected_score}]
+
+
+def build_pairs(cfg: BuildPairsConfig) -> dict:
+    """Sample, score, pair; write the jsonl and summary.json; return the summary."""
+    out = Path(cfg.output_dir)
+    data_file = out / ("kto.jsonl" if cfg.output_format == "kto" else "pairs.jsonl")
+    for path in (data_file, out / "summary.json"):
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose a new output_dir or delete it yourself")
+    suite = get_suite(cfg.suite)
+    rows = load_rows(suite, cfg.split, cfg.data_path)[: cfg.max_prompts]
+    if not rows:
+        raise ValueError(f"suite {cfg.suite!r} (split {cfg.split!r}) has no rows")
+    configure_default_pool(item_timeout_s=cfg.item_timeout_s)
+
+    policy, conversational = sample_and_score(cfg.model_name_or_path, cfg, rows)
+    strong = policy
+    if cfg.strong_model_name_or_path is not None:
+        strong, _ = sample_and_score(cfg.strong_model_name_or_path, cfg, rows)
+
+    written, no_pair = [], {"tied": 0, "unscored": 0, "same_text": 0}
+    for row, chosen_from, rejected_from in zip(rows, strong, policy):
+        pair, reason = choose_pair(chosen_from, rejected_from)
+        if pair is None:
+            no_pair[reason] += 1
+            continue
+        written.extend(pair_rows(row["prompt"], pair, conversational, cfg.output_format))
+    pairs = len(rows) - sum(no_pair.values())
+    summary = {"prompts": len(rows), "pairs": pairs, "prompts_without_pair": sum(no_pair.values()),
+               "without_pair_because": no_pair, "rows_written": len(written), "file": str(data_file),
+               "mode": "strong_vs_weak" if cfg.strong_model_name_or_path else "self",
+               "policy_mean_score": _mean([s for p in policy for s in p.scores]),
+               "strong_mean_score": _mean([s for p in strong for s in p.scores]) if strong is not policy else None,
+               "config": resolved_recipe(cfg)}
+    print(f"{pairs} pairs from {len(rows)} prompts; {summary['prompts_without_pair']} prompts gave no pair "
+          f"({', '.join(f'{n} {why}' for why, n in no_pair.items())}); wrote {len(written)} rows to {data_file}")
+    if not written:
+        raise ValueError(f"no prompt gave a pair ({no_pair}); sample more (num_samples), at a higher temperature, "
+                         f"or from a checkpoint whose completions differ in score")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomically(data_file, "".join(json.dumps(r) + "\n" for r in written))
+    _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (cfg,) = parse_recipe(BuildPairsConfig, args=argv)
+    return build_pairs(cfg)
+
+
+if __name__ == "__main__":
+    main()

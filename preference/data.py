@@ -1,0 +1,209 @@
+"""Preference data: load sources, check every row before training, name the row at fault.
+
+Sources are loaded by core/sources.py (the loader every stage shares), e.g.
+
+    sources:
+      - {path: "builtin:arithmetic_pairs", split: train}        # shipped, no network
+      - {path: out/tiny/pairs/pairs.jsonl}                      # written by python -m preference.build_pairs
+      - {path: "hf:trl-lib/ultrafeedback_binarized", split: train, max_rows: 5000}   # needs network
+
+Row formats are TRL's (ARCHITECTURE.md):
+  - paired (dpo, orpo, kto): `prompt`, `chosen`, `rejected`, as strings, or as message lists
+    (`prompt` the conversation so far, `chosen` / `rejected` the assistant reply);
+  - paired with an implicit prompt: `chosen` and `rejected` are whole conversations that share
+    their first turns (the prompt; TRL's `extract_prompt` takes the longest common prefix);
+  - unpaired (kto only): `prompt`, `completion`, `label` (bool: desirable or not).
+  KTO takes paired rows too: `unpair` splits each into a desirable (chosen, label true) and an
+  undesirable (rejected, label false) row, side by side. TRL's own `unpair_preference_dataset` puts
+  a block of up to 1000 chosen rows before their rejected ones, and KTO's sequential sampling then
+  trains on batches of a single label.
+An optional `chat_template_kwargs` mapping per row is passed to the chat template (TRL does the
+same), e.g. `{enable_thinking: false}` to render a row in SmolLM3's no-think mode.
+
+Checks (`validate_rows`), each failing with "source <path> row <i>" and the field: a missing
+field (e.g. no `rejected`), an empty string or empty message content, chosen identical to
+rejected (no preference to learn), chosen/rejected of different kinds (string vs messages), an
+implicit-prompt pair with no shared first turn, a non-bool KTO label, a conversation the chat
+template refuses, and a row longer than `max_length` while `truncation` is off (TRL would cut
+it, or drop a row whose prompt alone fills it, without a word). A KTO set whose rows all carry
+the same label fails too (KTO weighs desirable against undesirable; one side alone cannot train).
+"""
+
+from __future__ import annotations
+
+from core.sources import SourceSpec, load_rows
+
+# The keys of core/sources.py that mean something for preference data.
+SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class PreferenceDataError(ValueError):
+    """A source or row is unusable; the message names the source, row and field."""
+
+
+def row_format(row: dict, where: str) -> str:
+    """'paired' or 'unpaired'; an error naming the row and the missing field otherwise.
+
+    A field holding None counts as missing: `datasets` fills a column some rows lack with None."""
+    present = {key for key, value in row.items() if value is not None}
+    if "chosen" in present or "rejected" in present:
+        for name in ("chosen", "rejected"):
+            if name not in present:
+                raise PreferenceDataError(f"{where}: field {name!r} is missing (fields: {sorted(present)}); a "
+                                          f"preference pair needs both 'chosen' and 'rejected'")
+        return "paired"
+    if "completion" in present or "label" in present:
+        for name in ("prompt", "completion", "label"):
+            if name not in present:
+                raise PreferenceDataError(f"{where}: field {name!r} is missing (fields: {sorted(present)}); an "
+                                          f"unpaired (KTO) row needs 'prompt', 'completion' and 'label'")
+        return "unpaired"
+    raise PreferenceDataError(f"{where} has neither 'chosen'/'rejected' nor 'completion'/'label' (fields: "
+                              f"{sorted(present)}); preference rows are prompt/chosen/rejected, KTO rows "
+                              f"prompt/completion/label")
+
+
+def load_sources(sources: list[dict]) -> tuple[list[dict], list[str]]:
+    """All rows of all sources and, for each, where it came from ("source <path> row <i>")."""
+    if not sources:
+        raise PreferenceDataError("sources is empty: give at least one, e.g. {path: 'builtin:arithmetic_pairs'}")
+    rows, origins = [], []
+    for index, raw in enumerate(sources):
+        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
+        for i, row in enumerate(load_rows(spec)):
+            rows.append(row)
+            origins.append(f"source {spec.path} row {i}")
+    return rows, origins
+
+
+def _check_text(value, where: str, field: str) -> None:
+    if not isinstance(value, str):
+        raise PreferenceDataError(f"{where}: field {field!r} must be a string or a message list, got "
+                                  f"{type(value).__name__}")
+    if not value.strip():
+        raise PreferenceDataError(f"{where}: field {field!r} is an empty string; drop the row or fill it")
+
+
+def _check_messages(messages, where: str, field: str, last_role: str | None = None) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise PreferenceDataError(f"{where}: field {field!r} must be a non-empty list of {{role, content}} "
+                                  f"messages, got {messages!r}")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise PreferenceDataError(f"{where}: {field}[{j}] must be a mapping with a role in {list(ROLES)} and "
+                                      f"a content, got {message!r}")
+        content = message.get("content")
+        if isinstance(content, str) and not content.strip() and not message.get("tool_calls"):
+            raise PreferenceDataError(f"{where}: {field}[{j}] ({message['role']}) has empty content")
+    if last_role is not None and messages[-1]["role"] != last_role:
+        raise PreferenceDataError(f"{where}: field {field!r} must end with an {last_role} turn, ends with "
+                                  f"{messages[-1]['role']!r}")
+
+
+def _is_conversational(value) -> bool:
+    return isinstance(value, list)
+
+
+def check_row(row: dict, where: str) -> str:
+    """Check one row's fields (not its length); return its format."""
+    kind = row_format(row, where)
+    answers = ("chosen", "rejected") if kind == "paired" else ("completion",)
+    prompt = row.get("prompt")
+    conversational = _is_conversational(row[answers[0]])
+    for name in (*answers, *(("prompt",) if prompt is not None else ())):
+        if _is_conversational(row[name]) != conversational:
+            raise PreferenceDataError(
+                f"{where}: field {name!r} is {'a message list' if _is_conversational(row[name]) else 'a string'} "
+                f"but {answers[0]!r} is {'a message list' if conversational else 'a string'}; give all of them in "
+                f"one form")
+    if conversational:
+        if prompt is not None:
+            _check_messages(prompt, where, "prompt")
+        for name in answers:
+            _check_messages(row[name], where, name, last_role="assistant")
+    else:
+        for name in (*answers, *(("prompt",) if prompt is not None else ())):
+            _check_text(row[name], where, name)
+    if kind == "paired":
+        if row["chosen"] == row["rejected"]:
+            raise PreferenceDataError(f"{where}: 'chosen' is identical to 'rejected' ({row['chosen']!r}): the pair "
+                                      f"states no preference; drop it")
+        if prompt is None:
+            if not conversational:
+                raise PreferenceDataError(f"{where}: no 'prompt' field; an implicit prompt needs chosen and rejected "
+                                          f"as whole conversations (message lists)")
+            shared = 0
+            while (shared < min(len(row["chosen"]), len(row["rejected"]))
+                   and row["chosen"][shared] == row["rejected"][shared]):
+                shared += 1
+            if shared == 0:
+                raise PreferenceDataError(f"{where}: no 'prompt' field, and chosen and rejected share no first turn "
+                                          f"to take as the prompt")
+    else:
+        if not isinstance(row["label"], bool):
+            raise PreferenceDataError(f"{where}: field 'label' must be true or false, got {row['label']!r}")
+    return kind
+
+
+def unpair(rows: list[dict]) -> list[dict]:
+    """Paired rows as KTO rows, each pair's desirable and undesirable rows adjacent (see the module docstring)."""
+    from trl.data_utils import extract_prompt
+
+    unpaired = []
+    for row in rows:
+        if "prompt" not in row or row["prompt"] is None:
+            row = {**row, **extract_prompt(row)}
+        rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+        unpaired.append({**rest, "completion": row["chosen"], "label": True})
+        unpaired.append({**rest, "completion": row["rejected"], "label": False})
+    return unpaired
+
+
+def validate_rows(rows: list[dict], origins: list[str], method: str, tokenizer, max_length: int | None,
+                  truncation: bool) -> list[int]:
+    """Check every row as the trainer will see it; return each row's longest token count (prompt + answer)."""
+    from jinja2 import TemplateError
+
+    kinds = {}
+    for row, where in zip(rows, origins):
+        kinds.setdefault(check_row(row, where), where)
+    if len(kinds) > 1:
+        raise PreferenceDataError(f"sources mix paired rows ({kinds['paired']}) and unpaired KTO rows "
+                                  f"({kinds['unpaired']}); use one format")
+    if "unpaired" in kinds and method != "kto":
+        raise PreferenceDataError(f"{kinds['unpaired']} is an unpaired (prompt/completion/label) row; method "
+                                  f"{method} needs prompt/chosen/rejected pairs (only kto takes unpaired rows)")
+    forms = {_is_conversational(row.get("chosen", row.get("completion"))) for row in rows}
+    if len(forms) > 1:
+        raise PreferenceDataError("sources mix conversational rows (message lists) and plain-text rows; TRL tokenises "
+                                  "one form per dataset: convert one of them")
+    if method == "kto":
+        labels = [row["label"] for row in rows if "label" in row and row.get("label") is not None]
+        if labels and len(set(labels)) == 1:
+            raise PreferenceDataError(
+                f"every one of the {len(labels)} KTO rows has label {labels[0]} ({origins[0]} ... {origins[-1]}); KTO "
+                f"needs desirable (true) and undesirable (false) completions")
+
+    lengths = []
+    for row, where in zip(rows, origins):
+        answers = [row[k] for k in ("chosen", "rejected", "completion") if row.get(k) is not None]
+        longest = 0
+        for answer in answers:
+            prompt = row.get("prompt")
+            try:
+                if _is_conversational(answer):
+                    messages = (prompt or []) + answer
+                    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                        **(row.get("chat_template_kwargs") or {}))["input_ids"]
+                else:
+                    ids = tokenizer((prompt or "") + answer, add_special_tokens=False)["input_ids"]
+            except TemplateError as error:
+                raise PreferenceDataError(f"{where}: the chat template refuses this conversation: {error}") from error
+            longest = max(longest, len(ids))
+        if max_length is not None and longest > max_length and not truncation:
+            raise PreferenceDataError(f"{where}: {longest} tokens (prompt + answer), longer than max_length "
+                                      f"{max_length}, and truncation is off; raise max_length, drop the row, or "
+                                      f"set truncation: true")
+        lengths.append(longest)
+    return lengths

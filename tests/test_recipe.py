@@ -253,12 +253,14 @@ def test_every_recipe_parses(path):
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
+    from rl.config import GRPOConfig
+    from rl.data import SOURCE_KEYS as RL_SOURCE_KEYS
     from sft.config import SFTConfig
     from sft.data import SOURCE_KEYS
 
     classes = {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
                "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-               "core.export": (ExportConfig, None)}
+               "core.export": (ExportConfig, None), "rl": (GRPOConfig, RL_SOURCE_KEYS)}
     assert stage in classes, f"{path}: no config class known for stage {stage!r}"
     config_class, source_keys = classes[stage]
     (config,) = parse_recipe(config_class, args=["--config", str(path)])

@@ -209,7 +209,7 @@ def run(cfg: GRPOConfig) -> dict:
                                          wandb_run=_wandb_run(cfg), resume_step=resumed_step(resume_from), seed=cfg.seed)
     backend = f"vLLM {cfg.vllm_mode}" if cfg.use_vllm else "transformers generate"
     accelerator.print(
-        f"rl: {accelerator.num_processes} process(es) ({accelerator.distributed_type}); {len(rows)} prompts from "
+        f"rl: {accelerator.num_processes} process(es) (world size {cfg.world_size}, {accelerator.distributed_type}); {len(rows)} prompts from "
         f"{where}, prompt tokens {min(lengths)}-{max(lengths)}, {dropped} dropped as longer than max_prompt_length; "
         f"rewards {dict(zip(names, weights))}; loss {cfg.loss_type}, importance sampling {cfg.importance_sampling_level}, "
         f"beta {cfg.beta}; rollouts from {backend}")

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from conftest import REPO, launch_stage, ok, write_recipe
 from rl_policy import build_policy
 
-# Greedy log-probs of vLLM's CPU kernels vs the transformers forward, fp32 (measured up to ~7e-3 on
-# random weights, where every token is a near-tie).
-LOGPROB_TOLERANCE = 2e-2
+# Greedy log-probs of vLLM's CPU kernels vs the transformers forward, both fp32: measured up to 1.4e-2
+# (2 processes, this policy); the greedy tokens themselves must be identical.
+LOGPROB_TOLERANCE = 5e-2
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@
                      penalty (soft_overlong_punishment) or a length-aware reward.
   An alert fires once, then its window starts over.
 
-On resume both files drop the lines after the resumed step first (as core.metrics does), so they
+On resume both files drop the lines after the resumed step first (core.metrics.truncate_after), so they
 continue without a gap or a duplicate step.
 """
 
@@ -31,19 +31,10 @@ from collections import deque
 from pathlib import Path
 
 from core.alerts import Alert, AlertLog
+from core.metrics import truncate_after
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 ALERTS_FILE = "alerts.jsonl"
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of a JSONL log whose `step` is after `step` (a resumed run replays them)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 class RolloutMonitor:
@@ -79,7 +70,8 @@ class RolloutMonitor:
             columns = ["step", *sample[0]]
             table = wandb.Table(columns=columns, data=[[step, *(str(v) if isinstance(v, (list, dict)) else v
                                                                 for v in row.values())] for row in sample])
-            self.wandb.log({"rollouts": table}, step=step)
+            # No explicit step: the Trainer logs to the same run with its own step counter; the table has a step column.
+            self.wandb.log({"rollouts": table})
 
     def check(self, step: int, logs: dict) -> list[Alert]:
         fired = []

@@ -6,7 +6,8 @@
 
     # served: the vLLM server in its own process (own GPUs on a GPU node), the trainer over HTTP
     python -m rl.serve --model_name_or_path out/tiny/sft --port 8000 &
-    python -m rl --config recipes/tiny/grpo.yaml --vllm_mode server --vllm_server_port 8000
+    python -m rl --config recipes/tiny/grpo.yaml --vllm_mode server --vllm_server_host 127.0.0.1 \
+        --vllm_server_port 8000 --output_dir out/tiny/grpo-served
 
 Recipe knobs (rl/config.py): prompts from `suite:` or `sources:`; `reward_funcs` by name with TRL's
 `reward_weights`; every TRL loss through `loss_type` (grpo, dr_grpo, dapo, bnpo, ...) and GSPO through

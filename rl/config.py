@@ -52,9 +52,10 @@ class GRPOConfig(trl.GRPOConfig):
         "Reward functions by name from rewards.functions.REWARD_FUNCS (accuracy, format, boxed_format, tag_count, "
         "reasoning_steps, cosine_scaled, soft_overlong_punishment, repetition_penalty). Default: the suite's rewards "
         "and weights. Weights are TRL's `reward_weights`, in the same order.", default=None)
-    reward_kwargs: dict[str, dict] | None = _help(
+    reward_kwargs: dict[str, dict] | str | None = _help(
         "Knobs bound onto reward functions, by reward name, e.g. {soft_overlong_punishment: {soft_punish_cache: 64}}. "
-        "Over the suite's own. soft_overlong_punishment's max_completion_len defaults to max_completion_length.",
+        "Over the suite's own; a JSON string on the command line. soft_overlong_punishment's max_completion_len "
+        "defaults to max_completion_length.",
         default=None)
 
     # --- LoRA (PEFT) -----------------------------------------------------------------------------

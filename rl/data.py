@@ -110,8 +110,11 @@ def reward_setup(cfg) -> tuple[list[str], list[float], dict[str, dict]]:
         kwargs[name].update(extra)
     if "soft_overlong_punishment" in kwargs:
         # DAPO's L_max is the generation limit: the penalty ramps up over the last soft_punish_cache tokens
-        # before the cut-off (Yu et al. 2025, eq. 13).
-        kwargs["soft_overlong_punishment"].setdefault("max_completion_len", cfg.max_completion_length)
+        # before the cut-off (Yu et al. 2025, eq. 13). So it is this run's max_completion_length, not the
+        # suite's evaluation length, unless the recipe itself sets it.
+        recipe_knobs = (cfg.reward_kwargs or {}).get("soft_overlong_punishment", {})
+        kwargs["soft_overlong_punishment"]["max_completion_len"] = recipe_knobs.get("max_completion_len",
+                                                                                    cfg.max_completion_length)
     for name, extra in kwargs.items():
         params = inspect.signature(REWARD_FUNCS[name]).parameters
         bad = [k for k in extra if k not in params or params[k].kind is not inspect.Parameter.KEYWORD_ONLY]

@@ -132,3 +132,15 @@ def test_rollout_sample_and_alerts_continue_without_duplicates_on_resume(tmp_pat
     steps = [json.loads(line)["step"] for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert steps == [1, 1, 2, 2]
     assert [json.loads(line)["step"] for line in (tmp_path / "alerts.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_overlong_penalty_follows_the_runs_completion_limit(tmp_path):
+    from rl.data import reward_setup
+
+    names, weights, kwargs = reward_setup(recipe(tmp_path, suite="arithmetic", max_completion_length=32))
+    assert names == ["accuracy", "soft_overlong_punishment"] and weights == [1.0, 0.1]
+    # The suite evaluates with 8 tokens; this run generates up to 32: DAPO's L_max is the run's.
+    assert kwargs["soft_overlong_punishment"] == {"max_completion_len": 32, "soft_punish_cache": 4}
+    cfg = recipe(tmp_path, suite="arithmetic", max_completion_length=32,
+                 reward_kwargs='{"soft_overlong_punishment": {"max_completion_len": 24, "soft_punish_cache": 8}}')
+    assert reward_setup(cfg)[2]["soft_overlong_punishment"] == {"max_completion_len": 24, "soft_punish_cache": 8}

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rl_rollout.py [--prompts 64] [--new_tokens 128] [--grpo_steps 3]
 
-On a ~25M-parameter core model (8 layers, d=512: the shape of shared/FACTS.md's measurement) with a
+On a ~32M-parameter core model (8 layers, d=512, MLP 2048; FACTS.md measured 25M with MLP 1536) with a
 1024-token BPE and the ChatML template:
   1. rollout tokens/s: `--prompts` arithmetic prompts x `--new_tokens` sampled tokens (EOS ignored, so
      both backends generate exactly the same number of tokens), from an in-process vLLM engine

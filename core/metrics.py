@@ -27,18 +27,25 @@ from transformers import TrainerCallback
 METRICS_FILE = "metrics.jsonl"
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a step-keyed JSONL log (metrics, rollouts, alerts) after `step`, atomically:
+    a run resumed from checkpoint `step` logs the later steps again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """Appends `{"step": ..., **metrics}` lines to `output_dir/metrics.jsonl` when `enabled` (main process)."""
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
-        if enabled and resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+        if enabled and resume_step is not None:
+            truncate_after(self.path, resume_step)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled or not metrics:

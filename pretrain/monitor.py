@@ -24,11 +24,10 @@ takes the same decision and none is left waiting in a collective for a rank that
 - data_stall: waiting longer than a limit for the next batch.
 """
 
-import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
-from pathlib import Path
+
+from core.alerts import Alert, AlertLog  # noqa: F401  (the shared alert record and log; re-exported)
 
 POLICIES = ("warn", "skip", "rollback", "stop")
 KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall")
@@ -37,16 +36,6 @@ DEFAULT_POLICIES = {"nan": "skip", "loss_spike": "warn", "grad_explosion": "warn
 # What an alert can do depends on when it is seen: step alerts come before the optimizer step,
 # throughput and data alerts only after it, when there is nothing left to skip.
 STEP_KINDS = ("nan", "loss_spike", "grad_explosion")
-
-
-@dataclass
-class Alert:
-    step: int
-    kind: str
-    message: str
-    value: float
-    threshold: float
-    action: str = "warn"
 
 
 def resolve_policies(overrides: dict) -> dict[str, str]:
@@ -131,18 +120,3 @@ class Monitor:
         for name in self.COUNTERS:
             setattr(self, name, state[name])
 
-
-class AlertLog:
-    """alerts.jsonl (main process) + console + wandb."""
-
-    def __init__(self, path: Path, enabled: bool, printer, wandb_run=None):
-        self.path, self.enabled, self.print, self.wandb = path, enabled, printer, wandb_run
-
-    def emit(self, alert: Alert, **extra) -> None:
-        self.print(f"ALERT [{alert.kind}] step {alert.step}: {alert.message} -> {alert.action}")
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**asdict(alert), **extra}) + "\n")
-        if self.wandb is not None:
-            self.wandb.alert(title=f"smolforge {alert.kind}", text=f"step {alert.step}: {alert.message}")

@@ -1,1 +1,2 @@
-"""Online RL (GRPO) and the reward models it can use (rl/reward_model.py)."""
+"""Online RL: GRPO with verifiable rewards and vLLM rollouts (TRL GRPOTrainer, rl/__main__.py), and the
+reward models it can use (rl/reward_model.py)."""

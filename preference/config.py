@@ -28,6 +28,8 @@ import torch
 import trl
 from trl.experimental.orpo import ORPOConfig
 
+from core.trainer_defaults import device_defaults
+
 METHODS = ("dpo", "kto", "orpo")
 
 # TRL 1.16's DPO loss types (DPOConfig.loss_type's help; tests/test_preference_stage.py checks the two
@@ -111,12 +113,7 @@ class PreferenceConfig(trl.DPOConfig):
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
-        if not torch.accelerator.is_available():
-            # As in sft/config.py: without it `accelerate launch --multi_gpu` on a CPU machine gives every
-            # process world size 1; with it, gloo DDP of the real world size.
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; methods: {list(METHODS)}")
         if isinstance(self.loss_type, str):

@@ -54,6 +54,7 @@ from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
+from core.trainer_defaults import lora_config
 
 from .config import PreferenceConfig, trainer_args
 from .data import load_sources, unpair, validate_rows
@@ -109,15 +110,6 @@ def load_model(cfg: PreferenceConfig, tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     return model
 
-
-def peft_config(cfg: PreferenceConfig):
-    if not cfg.use_peft:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
 
 
 def stop_token_ids(cfg: PreferenceConfig, model, tokenizer) -> list[int] | int | None:
@@ -181,7 +173,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
         trainer_kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
     trainer = TRAINERS[cfg.method](
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=peft_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()], **trainer_kwargs)
+        peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()], **trainer_kwargs)
     loss = "" if cfg.method == "orpo" else f", loss_type {cfg.loss_type}" + (
         f" weights {cfg.loss_weights}" if cfg.loss_weights else "")
     summary = (f"preference: method {cfg.method}{loss}, beta {cfg.beta}; {trainer.accelerator.num_processes} "

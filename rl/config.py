@@ -16,8 +16,9 @@ machine `use_cpu` (so `accelerate launch` with 2 processes gives a real world si
 import json
 from dataclasses import dataclass, field
 
-import torch
 import trl
+
+from core.trainer_defaults import device_defaults
 
 
 def _help(text: str, **kw):
@@ -112,12 +113,7 @@ class GRPOConfig(trl.GRPOConfig):
     logging_steps: float = _help("Log (metrics.jsonl, rollouts, alerts) every this many steps.", default=1)
 
     def __post_init__(self):
-        if not torch.accelerator.is_available():
-            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine starts
-            # world-size-1 processes (parallel_mode NOT_PARALLEL).
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if (self.suite is None) == (self.sources is None):
             raise ValueError("give exactly one of `suite` (e.g. arithmetic) and `sources` (rows with a `prompt` "
                              f"column); got suite={self.suite!r}, sources={self.sources!r}")

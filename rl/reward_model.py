@@ -59,6 +59,7 @@ from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import SourceSpec, load_rows
+from core.trainer_defaults import lora_config
 
 from .reward_model_config import RewardModelConfig
 
@@ -205,16 +206,6 @@ def load_model(cfg: RewardModelConfig, tokenizer):
     return model
 
 
-def peft_config(cfg: RewardModelConfig):
-    if not cfg.use_peft:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    # task_type SEQ_CLS: PEFT trains the score head in full (modules_to_save), as TRL's docs advise.
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_CLS",
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
-
 
 @torch.no_grad()
 def pair_accuracy(model, dataset: Dataset, pad_token_id: int, batch_size: int) -> dict[str, float]:
@@ -269,7 +260,7 @@ def run(cfg: RewardModelConfig) -> dict:
 
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-                            processing_class=tokenizer, peft_config=peft_config(cfg),
+                            processing_class=tokenizer, peft_config=lora_config(cfg, "SEQ_CLS"),
                             callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
     accelerator = trainer.accelerator
     out.mkdir(parents=True, exist_ok=True)

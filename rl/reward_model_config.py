@@ -9,8 +9,9 @@ and a row longer than `max_length` is an error naming it (TRL drops such rows wi
 
 from dataclasses import dataclass, field
 
-import torch
 import trl
+
+from core.trainer_defaults import device_defaults
 
 
 def _help(text: str, **kw):
@@ -65,12 +66,7 @@ class RewardModelConfig(trl.RewardConfig):
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
-        if not torch.accelerator.is_available():
-            # As in sft/config.py: without it, `accelerate launch --multi_gpu` on a CPU machine gives every
-            # process world size 1.
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.chat_template_path is not None:
             # TRL would install this file over `chat_template` without a word (issue 11).
             raise ValueError(f"chat_template_path={self.chat_template_path!r}: set chat_template instead, which takes "

@@ -49,6 +49,7 @@ from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
+from core.trainer_defaults import lora_config
 from rewards.functions import REWARD_FUNCS, compute_rewards
 from rewards.suites import get_suite
 from rewards.suites import load_rows as load_suite_rows
@@ -136,15 +137,6 @@ def load_model(cfg: GRPOConfig):
     return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
 
 
-def peft_config(cfg: GRPOConfig):
-    if not cfg.use_peft:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
-
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """The ids that end a completion, as TRL takes them: the generation config's, plus the tokenizer's eos."""
@@ -199,7 +191,7 @@ def run(cfg: GRPOConfig) -> dict:
 
     trainer = GRPOTrainer(model=model, reward_funcs=build_rewards(names, reward_kwargs), args=cfg,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=peft_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
+                          peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
     accelerator = trainer.accelerator
     if trainer.is_fsdp_enabled and cfg.use_peft:
         raise ValueError("use_peft with FSDP: the gathered weights would be the adapter model's; train LoRA with DDP")

@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import trl
+
+from core.trainer_defaults import device_defaults
 
 
 def _help(text: str, **kw):
@@ -73,13 +74,7 @@ class SFTConfig(trl.SFTConfig):
                                          "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
-        if not torch.accelerator.is_available():
-            # Without it, TrainingArguments under `accelerate launch --multi_gpu` on a CPU machine sets
-            # up world size 1 in every process (parallel_mode NOT_PARALLEL); with it, gloo DDP of the
-            # real world size (checked with 2 processes).
-            self.use_cpu = True
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.chat_template_path is not None:
             # TRL would install this file over `chat_template` without a word (issue 11).
             raise ValueError(f"chat_template_path={self.chat_template_path!r}: set chat_template instead, which takes "

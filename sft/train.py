@@ -45,6 +45,7 @@ from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
 from core.sources import SourceSpec, load_rows
+from core.trainer_defaults import lora_config
 
 from .data import SOURCE_KEYS, load_sources, validate_rows
 from .generation import format_rates, generation_check
@@ -107,15 +108,6 @@ def set_stop_tokens(model, tokenizer, end_of_turn: str) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def peft_config(cfg: SFTConfig):
-    if not cfg.use_peft:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=targets[0] if targets == ["all-linear"] else targets)
-
 
 def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
     """(model, full state dict or None) to save on the main process: a plain checkpoint, LoRA merged.
@@ -132,7 +124,7 @@ def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
         return None, None
     from peft import get_peft_model
 
-    copy = get_peft_model(load_model(cfg, tokenizer), peft_config(cfg))
+    copy = get_peft_model(load_model(cfg, tokenizer), lora_config(cfg))
     copy.load_state_dict(state_dict, strict=True)
     return copy.merge_and_unload(), None
 
@@ -178,7 +170,7 @@ def run(cfg: SFTConfig) -> dict:
     if cfg.generation_eval:
         eval_rows, max_new_tokens = generation_rows(cfg.generation_eval)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
-                         peft_config=peft_config(cfg), callbacks=callbacks)
+                         peft_config=lora_config(cfg), callbacks=callbacks)
     accelerator = trainer.accelerator
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     accelerator.print(

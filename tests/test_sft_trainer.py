@@ -15,7 +15,8 @@ from core import SmolForgeConfig, SmolForgeForCausalLM
 from sft.config import SFTConfig
 from core.arithmetic import reply
 from sft.data import tag_reasoning_mode
-from sft.train import EmptyMaskError, SFTTrainer, peft_config, run
+from core.trainer_defaults import lora_config
+from sft.train import EmptyMaskError, SFTTrainer, run
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_lora_trains_only_adapters_and_merges(tmp_path, tokenizer):
     model = core_model(len(tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = SFTTrainer(model=model, args=cfg, processing_class=tokenizer, train_dataset=Dataset.from_list(chats([2, 3])),
-                         peft_config=peft_config(cfg))
+                         peft_config=lora_config(cfg))
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     trainer.train()

@@ -127,6 +127,10 @@ class _Worker:
         self.process.stdout.close()
 
 
+# How long a call without its own budget waits for a worker to finish starting before grading starts.
+WORKER_START_TIMEOUT_S = 120.0
+
+
 class VerifierPool:
     """`num_workers` grading processes; each item gets at most `item_timeout_s` seconds of wall clock.
 
@@ -176,7 +180,6 @@ class VerifierPool:
             # Wait for a first idle worker as long as it takes: every call returns its workers within
             # its own budget, so this ends (or the pool is closed).
             borrowed = self._borrow(len(pairs), deadline=None)
-            batch_deadline = time.monotonic() + self.default_batch_timeout_s(len(pairs), max(1, len(borrowed)))
         else:
             batch_deadline = time.monotonic() + batch_timeout_s
             borrowed = self._borrow(len(pairs), batch_deadline)
@@ -185,6 +188,15 @@ class VerifierPool:
         free = [worker for worker in borrowed if worker.ready]
         starting = [worker for worker in borrowed if not worker.ready]
         running: dict[_Worker, tuple[int, float]] = {}  # worker -> (item index, its deadline)
+        if batch_timeout_s is None:
+            # A worker's start (importing math-verify and sympy: seconds, many more on a busy machine) is
+            # not grading time: the default budget starts once a borrowed worker is ready. Measured: a
+            # fresh pool's first batch lost every item to the budget in a full test run.
+            start_by = time.monotonic() + WORKER_START_TIMEOUT_S
+            while starting and not free and time.monotonic() < start_by:
+                for worker in multiprocessing.connection.wait(starting, timeout=max(0.0, start_by - time.monotonic())):
+                    self._receive(worker, running, starting, free, outcomes)
+            batch_deadline = time.monotonic() + self.default_batch_timeout_s(len(pairs), max(1, len(borrowed)))
         try:
             while (pending or running) and time.monotonic() < batch_deadline:
                 while pending and free:

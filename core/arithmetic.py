@@ -44,9 +44,13 @@ def question(fact: Fact) -> str:
 
 
 def reasoning(fact: Fact, value: int | None = None) -> str:
-    # The sentence form of the pretraining `builtin:math` source, so the base model has seen it.
-    a, op, b = fact
-    return f"The {'sum' if op == '+' else 'product'} of {a} and {b} is {answer(fact) if value is None else value}."
+    """"7+5=12": the think block restates the question in the form `builtin:arithmetic` pretrains on.
+
+    A tiny model then only has to copy the digits and recall the fact it already knows. The sentence form
+    ("The sum of 7 and 5 is 12.") that `builtin:math` writes, over numbers up to 50, is one the 0.8M
+    base model never learns (measured: 0.5% of the 200 facts completed, against 100% in this form),
+    and SFT with it (and the SmolLM3 template) reached 2.5% on the held-out facts (issue 18)."""
+    return f"{expression(fact)}={answer(fact) if value is None else value}"
 
 
 def reply(fact: Fact, think: bool, value: int | None = None) -> str:

@@ -16,14 +16,16 @@ A pipeline file lists stages in order; each runs as its own process (`accelerate
          processes: 2, overrides: {learning_rate: 1.0e-3}}
     evaluate: {suite: arithmetic, split: test, temperature: 0, num_samples: 1, max_new_tokens: 64}
 
-`inputs` maps a field of the stage's recipe to an earlier stage's output directory; `overrides`
+`inputs` maps a field of the stage's recipe to an earlier stage's output directory (`sft`), a file in
+it (`pairs/pairs.jsonl`), or a data source reading that file (`{path: pairs/pairs.jsonl}`); `overrides`
 are `--field value` flags; `processes` > 1 launches with recipes/accelerate_configs/ddp.yaml (or
 `accelerate_config`). After the stages, every stage that wrote a model is evaluated on the reward
 suite (`python -m rewards.evaluate`), and the report is written.
 
 What happens to a stage, decided from the run directory (`pipeline.json` keeps what each stage was
 asked to do: module, recipe file contents, inputs, overrides):
-- complete (its stage.json) with the same request: skipped;
+- complete (its stage.json) with the same request: skipped. The request includes a fingerprint of each
+  input stage's output, and a stage whose input stage ran in this invocation is rerun;
 - complete with a changed request: refused, naming the stage and the changed fields; `--rerun NAME`
   moves the old output aside (never deletes it) and runs the stage again;
 - started but not complete: resumed (`--resume_from_checkpoint true`);
@@ -33,6 +35,7 @@ asked to do: module, recipe file contents, inputs, overrides):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -66,10 +69,18 @@ class Stage:
     processes: int = 1
     accelerate_config: str | None = None
 
-    def request(self) -> dict:
-        """What the stage is asked to do; a change of any of it means a different stage output."""
+    def request(self, run_dir: Path) -> dict:
+        """What the stage is asked to do; a change of any of it means a different stage output.
+
+        `upstream` fingerprints the outputs it consumes (their stage.json, rewritten by every run), so a
+        stage whose input stage was run again is not skipped as complete: it read the old input."""
+        upstream = {}
+        for value in self.inputs.values():
+            manifest = run_dir / input_stage(value) / MANIFEST_NAME
+            upstream[input_stage(value)] = (hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+                                            if manifest.exists() else None)
         return {"module": self.module, "recipe": load_recipe_file(self.config), "inputs": self.inputs,
-                "overrides": self.overrides, "processes": self.processes}
+                "overrides": self.overrides, "processes": self.processes, "upstream": upstream}
 
 
 @dataclass
@@ -97,7 +108,7 @@ def load_pipeline(path: str, sets: list[str]) -> Pipeline:
         stage = Stage(**entry)
         if not Path(stage.config).is_file():
             raise PipelineError(f"{where} ({stage.name}): config {stage.config} does not exist")
-        missing = [v for v in stage.inputs.values() if v not in [s.name for s in stages]]
+        missing = [input_stage(v) for v in stage.inputs.values() if input_stage(v) not in [s.name for s in stages]]
         if missing:
             raise PipelineError(f"{where} ({stage.name}): inputs name {missing}, which are not earlier stages")
         stages.append(stage)
@@ -125,6 +136,20 @@ def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+def input_stage(value: str | dict) -> str:
+    """The stage an input names: `sft` (its output directory), `pairs/pairs.jsonl` (a file in it), or a
+    data source mapping whose `path` is such a file (`{path: pairs/pairs.jsonl}`, for `sources`)."""
+    path = value.get("path", "") if isinstance(value, dict) else value
+    return str(path).split("/", 1)[0]
+
+
+def input_value(value: str | dict, run_dir: Path) -> str:
+    """An input as its command-line value, the stage name replaced by the stage's output directory."""
+    if isinstance(value, dict):
+        return json.dumps({**value, "path": str(run_dir / value["path"])})
+    return str(run_dir / value)
+
+
 def command(stage: Stage, out: Path, run_dir: Path, resume: bool) -> list[str]:
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if stage.processes > 1:
@@ -133,7 +158,7 @@ def command(stage: Stage, out: Path, run_dir: Path, resume: bool) -> list[str]:
         launch += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     flags = ["--config", stage.config, "--output_dir", str(out)]
     for key, source in stage.inputs.items():
-        flags += [f"--{key}", str(run_dir / source)]
+        flags += [f"--{key}", input_value(source, run_dir)]
     for key, value in stage.overrides.items():
         # As typed on a command line: a list as several words, a mapping as YAML/JSON text.
         flags += [f"--{key}", *map(str, value)] if isinstance(value, list) else [
@@ -163,7 +188,7 @@ class RunState:
 def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
     """Run, resume or skip one stage; returns what was done."""
     out = run_dir / stage.name
-    request, record = stage.request(), state.stage(stage.name)
+    request, record = stage.request(run_dir), state.stage(stage.name)
     if "request" in record and record["request"] != request and out.exists():
         if not rerun:
             raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
@@ -175,6 +200,8 @@ def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
     if (out / MANIFEST_NAME).exists():
         return "skipped (complete)"
     resume = out.exists() and any(out.glob("checkpoint-*"))
+    if not resume:  # a resumed stage's time adds up; a fresh run's starts from zero
+        record.pop("wall_seconds", None)
     record.update({"request": request, "module": stage.module, "status": "running"})
     state.save()
     print(f"[{stage.name}] {'resuming' if resume else 'running'}: python -m {stage.module} --config {stage.config}",
@@ -214,8 +241,14 @@ def run(args: argparse.Namespace) -> None:
     run_dir = pipeline.output_dir
     state = RunState(run_dir)
     state.data["pipeline"] = {"file": args.pipeline, "stages": names}
+    ran: set[str] = set()
     for stage in pipeline.stages[first:last + 1]:
-        print(f"[{stage.name}] {run_stage(stage, run_dir, state, stage.name in (args.rerun or []))}", flush=True)
+        # A stage reading the output of one that just ran again is rerun too, as `make` would.
+        rerun = stage.name in (args.rerun or []) or any(input_stage(v) in ran for v in stage.inputs.values())
+        done = run_stage(stage, run_dir, state, rerun)
+        if done != "skipped (complete)":
+            ran.add(stage.name)
+        print(f"[{stage.name}] {done}", flush=True)
     if last == len(names) - 1:
         evaluate(pipeline, state)
     from core.report import write_report

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from core.metrics import METRICS_FILE, read_metrics
+from core.pipeline import input_stage
 
 
 def _stage_rows(run_dir: Path) -> list[dict]:
@@ -24,7 +25,12 @@ def _stage_rows(run_dir: Path) -> list[dict]:
         metrics = read_metrics(out) if (out / METRICS_FILE).exists() else []
         tokens = [m["num_tokens"] for m in metrics if "num_tokens" in m]
         alerts = (out / "alerts.jsonl").read_text().splitlines() if (out / "alerts.jsonl").exists() else []
+        inputs = record.get("request", {}).get("inputs", {})
         rows.append({"name": name, "status": record.get("status", "not run"),
+                     # The checkpoints it started from and learned from: deltas are against these.
+                     "start": input_stage(inputs["model_name_or_path"]) if "model_name_or_path" in inputs else None,
+                     "teacher": (input_stage(inputs["teacher_model_name_or_path"])
+                                 if "teacher_model_name_or_path" in inputs else None),
                      "wall_seconds": record.get("wall_seconds"), "tokens": int(tokens[-1]) if tokens else None,
                      "losses": {m["step"]: m["loss"] for m in metrics if m.get("loss") is not None},
                      "alerts": [json.loads(a) for a in alerts if a.strip()]})
@@ -48,23 +54,32 @@ def write_report(run_dir: Path) -> str:
     """Write report.md (+ PNGs) into `run_dir`; return the scores table as printed text."""
     run_dir = Path(run_dir)
     rows, scores = _stage_rows(run_dir), _scores(run_dir)
-    lines = ["| stage | status | pass@1 | Δ pass@1 | accuracy | wall time (s) | tokens |", "|---|---|---|---|---|---|---|"]
-    previous = None
+    lines = ["| stage | status | started from | pass@1 | Δ pass@1 | accuracy | wall time (s) | tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    pass_at_1 = {name: summary["pass@1"] for name, summary in scores.items()}
     for row in rows:
         summary = scores.get(row["name"])
-        passed = summary["pass@1"] if summary else None
+        passed = pass_at_1.get(row["name"])
         accuracy = summary["rewards"]["accuracy"]["mean"] if summary and "accuracy" in summary["rewards"] else None
-        delta = passed - previous if passed is not None and previous is not None else None
-        lines.append(f"| {row['name']} | {row['status']} | {_fmt(passed)} | {_fmt(delta, '+.4f')} | "
-                     f"{_fmt(accuracy)} | {_fmt(row['wall_seconds'], '.0f')} | {_fmt(row['tokens'], ',')} |")
-        previous = passed if passed is not None else previous
-    table = "\n".join(lines)
+        # The stage's own gain: against the checkpoint it started from, not the row above (a distillation
+        # student starts from its own short SFT, not from the RL model listed before it).
+        start = pass_at_1.get(row["start"])
+        delta = passed - start if passed is not None and start is not None else None
+        lines.append(f"| {row['name']} | {row['status']} | {row['start'] or 'n/a'} | {_fmt(passed)} | "
+                     f"{_fmt(delta, '+.4f')} | {_fmt(accuracy)} | {_fmt(row['wall_seconds'], '.0f')} | "
+                     f"{_fmt(row['tokens'], ',')} |")
+        teacher = pass_at_1.get(row["teacher"])
+        if passed is not None and teacher:
+            notes.append(f"{row['name']} reaches {passed / teacher:.0%} of its teacher {row['teacher']}'s pass@1 "
+                         f"({passed:.4f} / {teacher:.4f}).")
+    table = "\n".join([*lines, *([""] + notes if notes else [])])
     alerts = [f"- {row['name']}: step {a['step']} {a['kind']} -> {a['action']}: {a['message']}"
               for row in rows for a in row["alerts"]]
     _plot(run_dir, rows, scores)
     report = ["# Pipeline report", "", f"Run directory: `{run_dir}`", "", "## Scores and cost per stage", "",
               table, "", "Scores: the reward suite's pass@1 and mean accuracy of each stage's checkpoint on held-out "
-              "prompts (eval/results.json).", "", "![loss curves](loss_curves.png)", "", "![scores](scores.png)",
+              "prompts (eval/results.json); Δ is against the checkpoint the stage started from.", "", "![loss curves](loss_curves.png)", "", "![scores](scores.png)",
               "", "## Alerts", "", *(alerts or ["none"]), ""]
     (run_dir / "report.md").write_text("\n".join(report))
     return table

@@ -282,11 +282,18 @@ def data_identity(spec: SourceSpec) -> dict:
 # --- built-in generators ---------------------------------------------------------------------------
 
 def _arithmetic_text(split: str, seed: int) -> Iterator[dict]:
-    """Endless documents of 8 single-digit facts, `7+5=12` per line (max_rows bounds it)."""
+    """Endless documents of 8 single-digit facts, one per line, as `7+5=12` or as the question and its
+    answer, `What is 7+5? 12` (max_rows bounds it).
+
+    The question form is the web's Q&A text: without it the base model knows every fact as `7+5=` but
+    SFT has to teach the question-to-fact mapping from the 160 training facts alone, and the SFT model
+    reached 50% on the 40 held-out ones (measured, issue 18)."""
     rng = random.Random(seed)
     while True:
         facts = [arithmetic.sample_fact(rng) for _ in range(8)]
-        yield {"text": "\n".join(f"{arithmetic.expression(f)}={arithmetic.answer(f)}" for f in facts)}
+        lines = [f"{arithmetic.question(f)} {arithmetic.answer(f)}" if rng.random() < 0.5
+                 else f"{arithmetic.expression(f)}={arithmetic.answer(f)}" for f in facts]
+        yield {"text": "\n".join(lines)}
 
 
 def _prose(split: str, seed: int) -> Iterator[dict]:

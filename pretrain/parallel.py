@@ -26,6 +26,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 
+def refuse_deepspeed() -> None:
+    """The loop steps its own optimizer, clips and checkpoints through DDP / FSDP2; a DeepSpeed engine would
+    own all three. Under a DeepSpeed accelerate config (zero2.yaml, zero3.yaml), accelerate itself fails first
+    with "invalid literal for int() with base 10: 'auto'" (the configs leave gradient accumulation to the
+    TRL stages' Trainer): say what to use instead."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError("pretrain runs on DDP or FSDP2 (recipes/accelerate_configs/ddp.yaml, fsdp2.yaml); the DeepSpeed "
+                         "configs (zero2.yaml, zero3.yaml) are for the TRL stages: sft, preference, rl, distill")
+
+
 def fsdp2_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 

@@ -48,7 +48,7 @@ from core.sources import DataSourceError, SourceSpec, data_identity
 from .config import PretrainConfig
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
 from .monitor import AlertLog, Monitor, resolve_policies
-from .parallel import DataParallel
+from .parallel import DataParallel, refuse_deepspeed
 from .preflight import PreflightError, report, run_preflight
 
 # Not HF's trainer_state.json: our schema differs, and HF tools would misread it (issue 10).
@@ -494,6 +494,7 @@ def save_final(r: Run, entropy: float) -> dict:
 def run(cfg: PretrainConfig) -> dict:
     # setup. cpu=True where there is no GPU: only then does accelerate set up gloo for a multi-process
     # CPU launch (without it each process of `accelerate launch --multi_gpu` sees world size 1: measured).
+    refuse_deepspeed()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)

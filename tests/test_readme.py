@@ -4,7 +4,7 @@
   may use what an earlier one wrote, e.g. `out/tiny`), as a user pasting them would.
 - Shell blocks: every command is checked the way its program would read it, without training:
   the module exists, its recipe file exists and parses with the stage's own parser, the flags are
-  known fields; an accelerate config file exists and parses. `make` targets are real Makefile
+  known fields; an accelerate config file exists and parses; an sbatch job exists in recipes/slurm/. `make` targets are real Makefile
   targets. The training runs themselves are what `make demo` and the stage tests run for real.
 """
 
@@ -52,6 +52,13 @@ def test_shell_commands_parse(line):
         args = build_parser().parse_args(words[1:])
         if args.verb == "run":
             check_stage_names(load_pipeline(str(REPO / args.pipeline), args.set or []), args)
+        return
+    if words[0] == "sbatch":  # a job of recipes/slurm/; tests/test_launch_configs.py dry-runs each one
+        job = REPO / words[-1]
+        assert job.parent == REPO / "recipes" / "slurm" and job.is_file(), line
+        for word in words[1:-1]:
+            for path in re.findall(r"recipes/[\w./-]+\.yaml", word):
+                assert (REPO / path).is_file(), f"{line}: {path} does not exist"
         return
     if words[:2] == ["accelerate", "launch"]:
         config_file = words[words.index("--config_file") + 1]

@@ -494,7 +494,6 @@ def save_final(r: Run, entropy: float) -> dict:
 def run(cfg: PretrainConfig) -> dict:
     # setup. cpu=True where there is no GPU: only then does accelerate set up gloo for a multi-process
     # CPU launch (without it each process of `accelerate launch --multi_gpu` sees world size 1: measured).
-    refuse_deepspeed()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)
@@ -592,4 +591,5 @@ def prepare_output_dir(r: Run) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(PretrainConfig, args=argv)
+    refuse_deepspeed()  # before run() builds the Accelerator, which fails on a DeepSpeed config first
     return run(cfg)

@@ -26,8 +26,8 @@ What happens to a stage, decided from the run directory (`pipeline.json` keeps w
 asked to do: module, recipe file contents, inputs, overrides):
 - complete (its stage.json) with the same request: skipped. The request includes a fingerprint of each
   input stage's output, and a stage whose input stage ran in this invocation is rerun;
-- complete with a changed request: refused, naming the stage and the changed fields; `--rerun NAME`
-  moves the old output aside (never deletes it) and runs the stage again;
+- complete with a changed request: refused, naming the stage and the changed fields;
+- `--rerun NAME`, changed or not: the old output is moved aside (never deleted) and the stage runs again;
 - started but not complete: resumed (`--resume_from_checkpoint true`);
 - otherwise: run.
 """
@@ -189,7 +189,8 @@ def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
     """Run, resume or skip one stage; returns what was done."""
     out = run_dir / stage.name
     request, record = stage.request(run_dir), state.stage(stage.name)
-    if "request" in record and record["request"] != request and out.exists():
+    changed = "request" in record and record["request"] != request
+    if out.exists() and (changed or rerun):
         if not rerun:
             raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
                                 f"{changed_fields(record['request'], request)}; pass --rerun {stage.name} to run it "

@@ -80,3 +80,16 @@ def test_pipeline_runs_skips_resumes_and_names_a_changed_recipe(tmp_path):
     rerun = smolforge("run", str(path), "--set", "sft.learning_rate=0.002", "--rerun", "sft", "--from", "sft")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert list(run.glob("sft.replaced-*")), "the old output is kept, never deleted"
+
+    # A stage rerun makes the stages reading its output run again: they read the old one before.
+    upstream = smolforge("run", str(path), "--set", "sft.learning_rate=0.002", "--rerun", "pretrain", "--from", "pretrain")
+    assert upstream.returncode == 0, upstream.stderr[-3000:]
+    assert "[pretrain] ran" in upstream.stdout and "[sft] ran" in upstream.stdout
+    # ... and a stage whose input stage changed behind its back is refused, naming that input.
+    state = json.loads((run / "pipeline.json").read_text())
+    state["stages"]["sft"]["request"]["upstream"]["pretrain"] = "0" * 16
+    (run / "pipeline.json").write_text(json.dumps(state))
+    stale = smolforge("run", str(path), "--set", "sft.learning_rate=0.002", "--from", "sft")
+    assert stale.returncode != 0 and "upstream.pretrain" in stale.stderr
+    table = (run / "report.md").read_text()
+    assert "| sft | complete | pretrain |" in table  # the delta column is against the stage's start

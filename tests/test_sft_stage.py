@@ -88,7 +88,7 @@ def test_sft_teaches_the_base_model_to_stop_and_follow_the_reasoning_mode(tmp_pa
 
 def test_tiny_recipe_parses():
     (cfg,) = parse_recipe(SFTConfig, args=["--config", str(REPO / "recipes/tiny/sft.yaml")])
-    assert cfg.packing and cfg.assistant_only_loss and cfg.chat_template == "smollm3" and not cfg.truncation
+    assert cfg.packing and cfg.assistant_only_loss and cfg.chat_template == "qwen3" and not cfg.truncation
 
 
 def test_builtin_chats_hold_out_the_test_facts_and_mix_modes():

@@ -1,10 +1,55 @@
 """What every TRL stage config (sft, preference, rl, rl.reward_model, distill) sets the same way.
 
-Each stage's config subclasses its TRL config and calls `device_defaults(self)` at the start of its
-`__post_init__`; each builds its LoRA adapter with `lora_config(cfg, task_type)`.
+Each stage's config subclasses `StageFields` (and `LoraFields` where it trains adapters) before its TRL
+config, calls `device_defaults(self)` at the start of its `__post_init__`, and builds its LoRA adapter
+with `lora_config(cfg, task_type)`:
+
+    @dataclass
+    class SFTConfig(LoraFields, StageFields, trl.SFTConfig): ...
+
+A dataclass collects fields along the reversed MRO, so these declarations replace TrainingArguments'
+fields of the same name (bf16, gradient_checkpointing, resume_from_checkpoint) with our defaults.
 """
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+def help_field(text: str, **kw):
+    """A dataclass field with its --help text, as HfArgumentParser and core.recipe read it."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class StageFields:
+    """TrainingArguments' fields whose TRL defaults do not suit a run here."""
+
+    resume_from_checkpoint: str | None = help_field(
+        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
+        "the path of one checkpoint (TrainingArguments' field, which Trainer scripts read the same way).",
+        default=None)
+    bf16: bool | None = help_field(
+        "bf16 mixed precision; default: on with a bf16 CUDA device, off on CPU (TRL's default, on, fails on a CPU "
+        "machine).", default=None)
+    gradient_checkpointing: bool = help_field(
+        "Recompute activations in the backward pass (TRL's default is on: it only costs time at tiny sizes; turn it "
+        "on in GPU-scale recipes).", default=False)
+
+
+@dataclass
+class LoraFields:
+    """LoRA through PEFT (`lora_config` builds the adapter config from these)."""
+
+    use_peft: bool = help_field(
+        "Train a LoRA adapter instead of every weight; it is merged into the saved model (and, in rl, into vLLM's "
+        "weights at every sync). Preference: the reference is the model with the adapter disabled (TRL). Reward "
+        "models: the score head is trained in full.", default=False)
+    lora_r: int = help_field("LoRA rank.", default=16)
+    lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
+    lora_dropout: float = help_field("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] = help_field("Modules that get adapters ('all-linear' or names).",
+                                                default_factory=lambda: ["all-linear"])
 
 
 def device_defaults(args) -> None:
@@ -32,3 +77,45 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM"):
     targets = cfg.lora_target_modules
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
                       target_modules=targets[0] if targets == ["all-linear"] else targets)
+
+
+def load_stage_tokenizer(cfg, pad: bool = True):
+    """The stage's tokenizer (`tokenizer_name_or_path`, else the model's) with `cfg.chat_template`'s training
+    variant installed when one is named; returns (tokenizer, added tokens).
+
+    `pad`: add a distinct `<|pad|>` when the tokenizer has no pad token. SFT masks padding out of loss and
+    attention, and a pad equal to the end of turn would be confused with a real one; a reward model reads its
+    score at the last non-pad token, which a pad equal to eos would move off a reply ending in eos. The
+    preference stage passes False: TRL then pads with eos (masked out of every loss), and an added token
+    would change the vocabulary its reference model shares with the policy."""
+    from transformers import AutoTokenizer
+
+    import chat_templates
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    added = []
+    if cfg.chat_template is not None:
+        added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
+    if pad and tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        added.append("<|pad|>")
+    return tokenizer, added
+
+
+def load_stage_model(cfg, tokenizer, auto_class=None, **kwargs):
+    """`cfg.model_name_or_path` in fp32 master weights with the recipe's attention, its embeddings grown to
+    the tokenizer's added tokens.
+
+    TRL's `model_init_kwargs` mean what they mean in TRL, keyword arguments of from_pretrained: ours
+    (attention implementation, fp32) are defaults they override; `kwargs` (e.g. num_labels) are fixed.
+    New tokens' embeddings start at the mean of the others (transformers' default mean_resizing), so the
+    first steps do not see outlier vectors."""
+    from transformers import AutoModelForCausalLM
+
+    auto_class = auto_class or AutoModelForCausalLM
+    init = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {}),
+            **kwargs}
+    model = auto_class.from_pretrained(cfg.model_name_or_path, **init)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model

@@ -8,23 +8,19 @@ on resume (the token counters), and `beta` chosen by `divergence` (TRL's `beta` 
 1 reverse KL, between: generalised JSD).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import trl
 
-from core.trainer_defaults import device_defaults
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.trainer_defaults import StageFields, device_defaults, help_field as _help
 
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
 
 
 @dataclass
-class DistillConfig(trl.DistillationConfig):
+class DistillConfig(StageFields, trl.DistillationConfig):
     # --- student and teacher ---------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The student: a chat checkpoint (an SFT output, or any local HF causal LM with a chat template).",
@@ -70,11 +66,6 @@ class DistillConfig(trl.DistillationConfig):
         "off-policy runs compare at an equal number of student tokens. Null: max_steps / epochs decide.",
         default=None)
 
-    # --- run control -----------------------------------------------------------------------------
-    resume_from_checkpoint: str | None = _help(
-        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
-        "the path of one checkpoint.", default=None)
-
     # --- TRL defaults changed --------------------------------------------------------------------
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
                             default="out/distill")
@@ -84,10 +75,6 @@ class DistillConfig(trl.DistillationConfig):
     restore_callback_states_from_checkpoint: bool = _help(
         "Restore stateful callbacks on resume (transformers' default: off). On here: the completion-token "
         "counters and the token_budget stop live in one (distill/train.py CompletionTokens).", default=True)
-    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails on "
-                              "a CPU machine).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
-                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
         device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)

@@ -28,7 +28,7 @@ import torch
 import trl
 from trl.experimental.orpo import ORPOConfig
 
-from core.trainer_defaults import device_defaults
+from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
 
 METHODS = ("dpo", "kto", "orpo")
 
@@ -40,10 +40,6 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
 def _trl_field(config: type, name: str):
     """The field `name` of a TRL config, with TRL's default and help (declared here for the other methods)."""
     source = config.__dataclass_fields__[name]
@@ -53,7 +49,7 @@ def _trl_field(config: type, name: str):
 
 
 @dataclass
-class PreferenceConfig(trl.DPOConfig):
+class PreferenceConfig(LoraFields, StageFields, trl.DPOConfig):
     method: Literal["dpo", "kto", "orpo"] = _help(
         "dpo: TRL's DPOTrainer with `loss_type` (sigmoid = DPO, apo_zero / apo_down = APO, ipo, hinge, ...; a list "
         "mixes them with `loss_weights`). kto: TRL's KTOTrainer (prompt/completion/label rows, or pairs it unpairs). "
@@ -80,19 +76,6 @@ class PreferenceConfig(trl.DPOConfig):
         "Let TRL truncate rows longer than max_length (keep_start; DPO drops a row whose prompt alone fills it). "
         "Off: such a row is an error naming it.", default=False)
 
-    # --- LoRA (PEFT) -----------------------------------------------------------------------------
-    use_peft: bool = _help("Train a LoRA adapter instead of every weight; merged into the saved model. The "
-                           "reference is then the model with the adapter disabled (TRL).", default=False)
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
-    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
-                                           default_factory=lambda: ["all-linear"])
-
-    resume_from_checkpoint: str | None = _help(
-        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
-        "the path of one checkpoint.", default=None)
-
     # --- fields of the other methods' TRL configs -------------------------------------------------
     desirable_weight: float = _trl_field(trl.KTOConfig, "desirable_weight")
     undesirable_weight: float = _trl_field(trl.KTOConfig, "undesirable_weight")
@@ -107,10 +90,6 @@ class PreferenceConfig(trl.DPOConfig):
         f"(e.g. MPO). kto: one of {list(KTO_LOSS_TYPES)} (default kto). orpo: not used.", default=None)
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
                             default="out/preference")
-    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails "
-                              "on a CPU machine).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
-                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
         device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)

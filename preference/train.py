@@ -40,10 +40,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 from trl.data_utils import common_prefix_length
 from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
@@ -54,7 +52,7 @@ from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
-from core.trainer_defaults import lora_config
+from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
 from .config import PreferenceConfig, trainer_args
 from .data import load_sources, unpair, validate_rows
@@ -89,27 +87,6 @@ class ORPOTrainer(FaultInjectionMixin, TRLORPOTrainer):
 
 
 TRAINERS = {"dpo": DPOTrainer, "kto": KTOTrainer, "orpo": ORPOTrainer}
-
-
-def load_tokenizer(cfg: PreferenceConfig):
-    """The tokenizer, with `chat_template` installed when one is named; returns (tokenizer, added tokens).
-
-    No pad token is added when there is none: TRL then pads with eos (masked out of every loss), and
-    an added token would change the vocabulary the reference model shares with the policy."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    added = []
-    if cfg.chat_template is not None:
-        added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
-    return tokenizer, added
-
-
-def load_model(cfg: PreferenceConfig, tokenizer):
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {})}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model
-
 
 
 def stop_token_ids(cfg: PreferenceConfig, model, tokenizer) -> list[int] | int | None:
@@ -150,7 +127,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
     if cfg.use_peft and args.fsdp:
         raise ValueError("use_peft with FSDP is not supported by the preference stage: the merged LoRA weights "
                          "would have to be gathered from shards; use recipes/accelerate_configs/ddp.yaml")
-    tokenizer, added = load_tokenizer(cfg)
+    tokenizer, added = load_stage_tokenizer(cfg, pad=False)
 
     rows, origins = load_sources(cfg.sources)
     if isinstance(rows[0].get("chosen", rows[0].get("completion")), list) and not tokenizer.chat_template:
@@ -164,7 +141,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
         # the built-in pairs) would reach it as None. An empty mapping renders with the template's defaults.
         rows = [{**row, "chat_template_kwargs": row.get("chat_template_kwargs") or {}} for row in rows]
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
-    model = load_model(cfg, tokenizer)
+    model = load_stage_model(cfg, tokenizer)
     stop_ids = stop_token_ids(cfg, model, tokenizer)
 
     trainer_kwargs = {}

@@ -14,19 +14,15 @@ machine `use_cpu` (so `accelerate launch` with 2 processes gives a real world si
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trl
 
-from core.trainer_defaults import device_defaults
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
 
 
 @dataclass
-class GRPOConfig(trl.GRPOConfig):
+class GRPOConfig(LoraFields, StageFields, trl.GRPOConfig):
     # --- model -----------------------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The policy to train: an SFT stage's output (tokenizer with chat template included), any local HF "
@@ -59,15 +55,6 @@ class GRPOConfig(trl.GRPOConfig):
         "defaults to max_completion_length.",
         default=None)
 
-    # --- LoRA (PEFT) -----------------------------------------------------------------------------
-    use_peft: bool = _help("Train a LoRA adapter; it is merged into the saved model (and into vLLM's weights at "
-                           "every sync).", default=False)
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
-    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
-                                           default_factory=lambda: ["all-linear"])
-
     # --- vLLM ------------------------------------------------------------------------------------
     vllm_kv_cache_memory_bytes: int = _help(
         "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of host "
@@ -99,17 +86,10 @@ class GRPOConfig(trl.GRPOConfig):
     held_out_eval: bool = _help(
         "With a suite: greedy pass@1 on its `test` split before and after training (same prompts, rendering and "
         "length limit as training), printed with the wall time and stored in stage.json.", default=True)
-    resume_from_checkpoint: str | None = _help(
-        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or the "
-        "path of one checkpoint.", default=None)
 
     # --- TRL defaults changed --------------------------------------------------------------------
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, rollouts.jsonl, alerts.jsonl, then the "
                             "final model and stage.json.", default="out/grpo")
-    bf16: bool | None = _help("bf16 mixed precision; default: on with a bf16 CUDA device, off on CPU (TRL's default, "
-                              "on, fails on a CPU machine).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
-                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
     logging_steps: float = _help("Log (metrics.jsonl, rollouts, alerts) every this many steps.", default=1)
 
     def __post_init__(self):

@@ -48,7 +48,7 @@ import torch
 import trl
 from datasets import Dataset
 from jinja2 import TemplateError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForSequenceClassification, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
@@ -59,7 +59,7 @@ from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import SourceSpec, load_rows
-from core.trainer_defaults import lora_config
+from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
 from .reward_model_config import RewardModelConfig
 
@@ -182,30 +182,6 @@ def validate_pairs(rows: list[dict], origins: list[str], tokenizer, max_length: 
 
 # --- model -----------------------------------------------------------------------------------------
 
-def load_tokenizer(cfg: RewardModelConfig):
-    """The tokenizer with the chat template installed; returns (tokenizer, added tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
-    if tokenizer.pad_token is None:
-        # The score is read at the last non-pad token; a pad equal to eos would move it off the real end
-        # of a reply that ends with eos (standard rows do).
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        added.append("<|pad|>")
-    return tokenizer, added
-
-
-def load_model(cfg: RewardModelConfig, tokenizer):
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {}),
-              "num_labels": 1}  # one output: the reward
-    # TRL's own context: a causal LM's lm_head is unexpected and score.weight missing, both on purpose.
-    with suppress_seqcls_warning():
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.model_name_or_path, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
 
 @torch.no_grad()
 def pair_accuracy(model, dataset: Dataset, pad_token_id: int, batch_size: int) -> dict[str, float]:
@@ -244,11 +220,15 @@ def run(cfg: RewardModelConfig) -> dict:
     out = Path(cfg.output_dir)
     resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
     resume_from = str(resume_from) if resume_from is not None else None
-    tokenizer, added = load_tokenizer(cfg)
+    tokenizer, added = load_stage_tokenizer(cfg)
     # The score head of a causal-LM checkpoint starts random: seeded, or two runs of one recipe differ from
     # the first step (and a resumed run could not be compared with an uninterrupted one).
     set_seed(cfg.seed)
-    model = load_model(cfg, tokenizer)
+    # One output, the reward. TRL's own context: a causal LM's lm_head is unexpected and score.weight
+    # missing, both on purpose.
+    with suppress_seqcls_warning():
+        model = load_stage_model(cfg, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
 
     rows, origins = load_pairs(cfg.sources)
     lengths = validate_pairs(rows, origins, tokenizer, cfg.max_length)

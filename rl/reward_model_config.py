@@ -7,19 +7,15 @@ from TRL's where a CPU run needs it (`bf16`, `gradient_checkpointing`, `use_cpu`
 and a row longer than `max_length` is an error naming it (TRL drops such rows without a word).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trl
 
-from core.trainer_defaults import device_defaults
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
 
 
 @dataclass
-class RewardModelConfig(trl.RewardConfig):
+class RewardModelConfig(LoraFields, StageFields, trl.RewardConfig):
     # --- model and tokenizer ---------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The checkpoint to start from: our core (a score head is added: AutoModelForSequenceClassification, "
@@ -43,27 +39,9 @@ class RewardModelConfig(trl.RewardConfig):
         "after training (per `kind` column too, where the rows have one) and written to stage.json. Null skips it.",
         default_factory=lambda: [{"path": "builtin:arithmetic_preferences", "split": "test"}])
 
-    # --- LoRA (PEFT) -----------------------------------------------------------------------------
-    use_peft: bool = _help("Train a LoRA adapter (and the score head in full) instead of every weight; merged "
-                           "into the saved model.", default=False)
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
-    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
-                                           default_factory=lambda: ["all-linear"])
-
-    # --- run control -----------------------------------------------------------------------------
-    resume_from_checkpoint: str | None = _help(
-        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
-        "the path of one checkpoint.", default=None)
-
     # --- TRL defaults changed --------------------------------------------------------------------
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
                             default="out/reward_model")
-    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails "
-                              "on a CPU machine).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
-                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
         device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)

@@ -8,20 +8,16 @@ truncation is asked for).
 """
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trl
 
-from core.trainer_defaults import device_defaults
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
 
 
 @dataclass
-class SFTConfig(trl.SFTConfig):
+class SFTConfig(LoraFields, StageFields, trl.SFTConfig):
     # --- model and tokenizer ---------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The checkpoint to fine-tune: a previous stage's output, any local HF checkpoint, or a hub id.", default=None)
@@ -43,24 +39,11 @@ class SFTConfig(trl.SFTConfig):
     truncation: bool = _help(
         "Truncate rows longer than max_length (TRL's behaviour). Off: such a row is an error naming it.", default=False)
 
-    # --- LoRA (PEFT) -----------------------------------------------------------------------------
-    use_peft: bool = _help("Train a LoRA adapter instead of every weight; merged into the saved model.", default=False)
-    lora_r: int = _help("LoRA rank.", default=16)
-    lora_alpha: int = _help("LoRA alpha (scale = alpha / r).", default=32)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
-    lora_target_modules: list[str] = _help("Modules that get adapters ('all-linear' or names).",
-                                           default_factory=lambda: ["all-linear"])
-
     # --- run control -----------------------------------------------------------------------------
     generation_eval: dict[str, Any] | str | None = _help(
         "Held-out prompts to generate from before and after SFT, printing how often a generation ends with the "
         "end-of-turn token and follows the requested reasoning mode: {path, split, max_examples, max_new_tokens} "
         "(a JSON string on the command line).", default=None)
-
-    resume_from_checkpoint: str | None = _help(
-        "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
-        "the path of one checkpoint (TrainingArguments' field, which Trainer scripts read the same way).",
-        default=None)
 
     # --- TRL defaults changed --------------------------------------------------------------------
     output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
@@ -68,10 +51,6 @@ class SFTConfig(trl.SFTConfig):
     assistant_only_loss: bool = _help("Train on assistant turns only ({% generation %} spans).", default=True)
     packing: bool = _help("Pack rows into max_length sequences (padding-free, per-document position ids).",
                           default=True)
-    bf16: bool | None = _help("bf16 mixed precision; default: on with CUDA, off on CPU (TRL's default, on, fails "
-                              "on a CPU machine).", default=None)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass (TRL's default is on: it only "
-                                         "costs time at tiny sizes; turn it on in GPU-scale recipes).", default=False)
 
     def __post_init__(self):
         device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)

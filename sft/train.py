@@ -30,10 +30,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 
 import chat_templates
@@ -45,7 +43,7 @@ from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
 from core.sources import SourceSpec, load_rows
-from core.trainer_defaults import lora_config
+from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
 from .data import SOURCE_KEYS, load_sources, validate_rows
 from .generation import format_rates, generation_check
@@ -74,30 +72,6 @@ class SFTTrainer(FaultInjectionMixin, trl.SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def load_tokenizer(cfg: SFTConfig):
-    """The tokenizer with the chat template's training variant installed; returns (tokenizer, added tokens)."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
-    if tokenizer.pad_token is None:
-        # Padding is masked out of the loss and attention; the end-of-turn token would do, but a
-        # distinct pad keeps it from being confused with a real end of turn.
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        added.append("<|pad|>")
-    return tokenizer, added
-
-
-def load_model(cfg: SFTConfig, tokenizer):
-    # TRL's model_init_kwargs mean what they mean in TRL: keyword arguments of from_pretrained; ours
-    # (attention implementation, fp32 master weights) are defaults they can override.
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {})}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # New control tokens: their embeddings start at the mean of the others (transformers' default
-        # mean_resizing), so the first steps do not see outlier vectors.
-        model.resize_token_embeddings(len(tokenizer))
-    return model
-
-
 def set_stop_tokens(model, tokenizer, end_of_turn: str) -> None:
     """Generation stops at the end of a turn (first), or at the tokenizer's eos.
 
@@ -106,7 +80,6 @@ def set_stop_tokens(model, tokenizer, end_of_turn: str) -> None:
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     model.generation_config.eos_token_id = [eot_id, *[e for e in (tokenizer.eos_token_id,) if e not in (None, eot_id)]]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-
 
 
 def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
@@ -124,7 +97,7 @@ def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
         return None, None
     from peft import get_peft_model
 
-    copy = get_peft_model(load_model(cfg, tokenizer), lora_config(cfg))
+    copy = get_peft_model(load_stage_model(cfg, tokenizer), lora_config(cfg))
     copy.load_state_dict(state_dict, strict=True)
     return copy.merge_and_unload(), None
 
@@ -153,8 +126,8 @@ def run(cfg: SFTConfig) -> dict:
     resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
     resume_from = str(resume_from) if resume_from is not None else None
     template = chat_templates.load(cfg.chat_template)
-    tokenizer, added = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer)
+    tokenizer, added = load_stage_tokenizer(cfg)
+    model = load_stage_model(cfg, tokenizer)
 
     rows, origins = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
     lengths = validate_rows(rows, origins, tokenizer, cfg.max_length, cfg.truncation, cfg.assistant_only_loss)

@@ -195,6 +195,11 @@ class RecipeParser(TrlParser):
         return converted
 
 
+def help_field(text: str, **kw):
+    """A dataclass field with its --help text, which RecipeParser (HfArgumentParser) shows."""
+    return dataclasses.field(metadata={"help": text}, **kw)
+
+
 def _mapping_from_text(text: str) -> dict:
     value = yaml.safe_load(text)
     if not isinstance(value, dict):

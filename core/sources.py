@@ -173,6 +173,20 @@ def load_rows(spec: SourceSpec) -> list[dict]:
     return rows
 
 
+# The keys a row source of the post-training stages (sft, preference, rl, distill) reads: no weights,
+# filters or text field, which only pretraining mixes documents with.
+ROW_SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
+
+
+def labelled_rows(sources: list[dict], keys: Iterable[str] = ROW_SOURCE_KEYS) -> Iterator[tuple[dict, str]]:
+    """Each row of each source in order, with where it came from ("source <path> row <i>"), which every
+    stage's data error names."""
+    for index, raw in enumerate(sources):
+        spec = SourceSpec.from_dict(raw, index, keys=keys)
+        for i, row in enumerate(load_rows(spec)):
+            yield row, f"source {spec.path} row {i}"
+
+
 # --- documents (pretraining) -------------------------------------------------------------------------
 
 # datatrove's heuristic filters (the ones behind FineWeb: Penedo et al. 2024), by recipe name. Their

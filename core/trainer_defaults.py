@@ -11,14 +11,11 @@ A dataclass collects fields along the reversed MRO, so these declarations replac
 fields of the same name (bf16, gradient_checkpointing, resume_from_checkpoint) with our defaults.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-def help_field(text: str, **kw):
-    """A dataclass field with its --help text, as HfArgumentParser and core.recipe read it."""
-    return field(metadata={"help": text}, **kw)
+from core.recipe import help_field
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Literal
 
 import trl
 
-from core.trainer_defaults import StageFields, device_defaults, help_field as _help
+from core.recipe import help_field as _help
+from core.trainer_defaults import StageFields, device_defaults
 
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}

@@ -12,10 +12,8 @@ teacher is the only signal. A bad row stops the run before training with the sou
 
 from __future__ import annotations
 
-from core.sources import SourceSpec, load_rows
+from core.sources import labelled_rows
 
-# The keys of core/sources.py that mean something for prompt data (as sft/data.py).
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -55,14 +53,11 @@ def load_prompts(cfg) -> tuple[list[list[dict]], list[str]]:
     else:
         if not cfg.sources:
             raise PromptDataError("sources is empty: give at least one source with a `prompt` column, or prompt_suite")
-        for index, spec_dict in enumerate(cfg.sources):
-            spec = SourceSpec.from_dict(spec_dict, index, keys=SOURCE_KEYS)
-            for i, row in enumerate(load_rows(spec)):
-                where = f"source {spec.path} row {i}"
-                if row.get("prompt") is None:
-                    raise PromptDataError(f"{where} has no 'prompt' field (fields: {sorted(row)}); distillation "
-                                          f"rows need a prompt (a string or a list of messages)")
-                raw.append((row["prompt"], where))
+        for row, where in labelled_rows(cfg.sources):
+            if row.get("prompt") is None:
+                raise PromptDataError(f"{where} has no 'prompt' field (fields: {sorted(row)}); distillation "
+                                      f"rows need a prompt (a string or a list of messages)")
+            raw.append((row["prompt"], where))
     if cfg.max_prompts is not None:
         raw = raw[:cfg.max_prompts]
     return [as_messages(prompt, where) for prompt, where in raw], [where for _, where in raw]

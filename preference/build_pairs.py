@@ -35,20 +35,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from core.generation import GenerationSettings, generate_transformers, generate_vllm
-from core.recipe import parse_recipe, resolved_recipe
+from core.recipe import help_field as _help, parse_recipe, resolved_recipe
 from rewards.evaluate import eos_token_ids, prompt_token_ids, resolve_backend, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
 from rewards.verifier_pool import configure_default_pool
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass

@@ -28,7 +28,8 @@ import torch
 import trl
 from trl.experimental.orpo import ORPOConfig
 
-from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
+from core.recipe import help_field as _help
+from core.trainer_defaults import LoraFields, StageFields, device_defaults
 
 METHODS = ("dpo", "kto", "orpo")
 

@@ -31,10 +31,8 @@ the same label fails too (KTO weighs desirable against undesirable; one side alo
 
 from __future__ import annotations
 
-from core.sources import SourceSpec, load_rows
+from core.sources import labelled_rows
 
-# The keys of core/sources.py that mean something for preference data.
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -68,13 +66,8 @@ def load_sources(sources: list[dict]) -> tuple[list[dict], list[str]]:
     """All rows of all sources and, for each, where it came from ("source <path> row <i>")."""
     if not sources:
         raise PreferenceDataError("sources is empty: give at least one, e.g. {path: 'builtin:arithmetic_pairs'}")
-    rows, origins = [], []
-    for index, raw in enumerate(sources):
-        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
-        for i, row in enumerate(load_rows(spec)):
-            rows.append(row)
-            origins.append(f"source {spec.path} row {i}")
-    return rows, origins
+    labelled = list(labelled_rows(sources))
+    return [row for row, _ in labelled], [where for _, where in labelled]
 
 
 def _check_text(value, where: str, field: str) -> None:

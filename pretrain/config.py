@@ -1,10 +1,8 @@
 """PretrainConfig: every field of a pretraining (or mid-training) recipe, with its meaning."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.recipe import help_field as _help
 
 
 @dataclass

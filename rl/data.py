@@ -27,13 +27,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
-from core.sources import SourceSpec, load_rows
+from core.sources import labelled_rows
 from rewards.functions import REWARD_FUNCS, RewardFunction, compute_rewards
 from rewards.suites import get_suite
 from rewards.suites import load_rows as load_suite_rows
 
-# The keys of core/sources.py that mean something for prompt data.
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 # Columns TRL passes to every reward function itself (not from the data).
 TRL_REWARD_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
@@ -159,16 +157,13 @@ def load_prompts(cfg) -> tuple[list[dict], list[str], str]:
     if not cfg.sources:
         raise RLDataError("sources is empty: give at least one source with a `prompt` column")
     rows, origins = [], []
-    for index, raw in enumerate(cfg.sources):
-        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
-        for i, row in enumerate(load_rows(spec)):
-            where = f"source {spec.path} row {i}"
-            prompt = row.get("prompt")
-            if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
-                raise RLDataError(f"{where}: field 'prompt' must be a non-empty string or a list of {{role, content}} "
-                                  f"messages, got {prompt!r} (fields: {sorted(row)})")
-            rows.append(row)
-            origins.append(where)
+    for row, where in labelled_rows(cfg.sources):
+        prompt = row.get("prompt")
+        if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
+            raise RLDataError(f"{where}: field 'prompt' must be a non-empty string or a list of {{role, content}} "
+                              f"messages, got {prompt!r} (fields: {sorted(row)})")
+        rows.append(row)
+        origins.append(where)
     return rows, origins, "sources " + ", ".join(str(s.get("path")) for s in cfg.sources)
 
 

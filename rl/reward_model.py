@@ -58,13 +58,10 @@ from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
-from core.sources import SourceSpec, load_rows
+from core.sources import labelled_rows
 from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
 from .reward_model_config import RewardModelConfig
-
-# The keys of core/sources.py that mean something for preference pairs.
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 
 
 class PreferenceDataError(ValueError):
@@ -82,13 +79,8 @@ def load_pairs(sources: list[dict], field: str = "sources") -> tuple[list[dict],
     if not sources:
         raise PreferenceDataError(f"{field} is empty: give at least one source, e.g. "
                                   f"{{path: 'builtin:arithmetic_preferences'}}")
-    rows, origins = [], []
-    for index, raw in enumerate(sources):
-        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
-        for i, row in enumerate(load_rows(spec)):
-            rows.append(row)
-            origins.append(f"source {spec.path} row {i}")
-    return rows, origins
+    labelled = list(labelled_rows(sources))
+    return [row for row, _ in labelled], [where for _, where in labelled]
 
 
 def pair_format(row: dict, where: str) -> str:

@@ -26,15 +26,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from core.recipe import parse_recipe
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+from core.recipe import help_field as _help, parse_recipe
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Any
 
 import trl
 
-from core.trainer_defaults import LoraFields, StageFields, device_defaults, help_field as _help
+from core.recipe import help_field as _help
+from core.trainer_defaults import LoraFields, StageFields, device_defaults
 
 
 @dataclass

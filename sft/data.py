@@ -34,12 +34,9 @@ import json
 import random
 import re
 
-from core.sources import SourceSpec, load_rows
+from core.sources import labelled_rows
 
 ROLES = ("system", "user", "assistant", "tool")
-# The keys of core/sources.py that mean something for chat data (weights, text fields and
-# pretraining filters do not apply here: naming one is an error, not a silent no-op).
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed")
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
@@ -123,14 +120,10 @@ def load_sources(sources: list[dict], think_ratio: float | None, seed: int) -> t
     if not sources:
         raise SFTDataError("sources is empty: give at least one data source, e.g. {path: 'builtin:arithmetic_chat'}")
     rows, origins = [], []
-    for index, raw in enumerate(sources):
-        spec = SourceSpec.from_dict(raw, index, keys=SOURCE_KEYS)
-        loaded = load_rows(spec)
-        for i, row in enumerate(loaded):
-            where = f"source {spec.path} row {i}"
-            row_format(row, where)
-            rows.append(tag_reasoning_mode(row))
-            origins.append(where)
+    for row, where in labelled_rows(sources):
+        row_format(row, where)
+        rows.append(tag_reasoning_mode(row))
+        origins.append(where)
     kept = mix_reasoning_modes(rows, think_ratio, seed)
     return [rows[i] for i in kept], [origins[i] for i in kept]
 

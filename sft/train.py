@@ -42,10 +42,10 @@ from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
-from core.sources import SourceSpec, load_rows
+from core.sources import ROW_SOURCE_KEYS, SourceSpec, load_rows
 from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
-from .data import SOURCE_KEYS, load_sources, validate_rows
+from .data import load_sources, validate_rows
 from .generation import format_rates, generation_check
 
 
@@ -108,7 +108,7 @@ def generation_rows(spec: dict) -> tuple[list[dict], int]:
     spec = dict(spec)
     max_new_tokens = spec.pop("max_new_tokens", 48)
     rows = {}
-    for row in load_rows(SourceSpec.from_dict(spec, 0, keys=SOURCE_KEYS)):
+    for row in load_rows(SourceSpec.from_dict(spec, 0, keys=ROW_SOURCE_KEYS)):
         messages = row.get("messages") or []
         if [m["role"] for m in messages] == ["user", "assistant"]:
             rows.setdefault(messages[0]["content"], row)

@@ -55,27 +55,23 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     tests that parse every recipe and every README command."""
     from core.export import ExportConfig
     from distill.config import DistillConfig
-    from distill.data import SOURCE_KEYS as DISTILL_SOURCE_KEYS
     from preference.build_pairs import BuildPairsConfig
     from preference.config import PreferenceConfig
-    from preference.data import SOURCE_KEYS as PREFERENCE_SOURCE_KEYS
     from preference.merge import MergeConfig
     from pretrain.config import PretrainConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
     from rl.config import GRPOConfig
-    from rl.data import SOURCE_KEYS as RL_SOURCE_KEYS
-    from rl.reward_model import SOURCE_KEYS as REWARD_MODEL_SOURCE_KEYS
     from rl.reward_model_config import RewardModelConfig
     from sft.config import SFTConfig
-    from sft.data import SOURCE_KEYS
+    from core.sources import ROW_SOURCE_KEYS as SOURCE_KEYS  # every post-training stage reads these
 
     return {"pretrain": (PretrainConfig, None), "pretrain.tokenizer": (TokenizerConfig, None),
             "sft": (SFTConfig, SOURCE_KEYS), "rewards.evaluate": (EvaluateConfig, None),
-            "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, REWARD_MODEL_SOURCE_KEYS),
-            "distill": (DistillConfig, DISTILL_SOURCE_KEYS), "preference": (PreferenceConfig, PREFERENCE_SOURCE_KEYS),
+            "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, SOURCE_KEYS),
+            "distill": (DistillConfig, SOURCE_KEYS), "preference": (PreferenceConfig, SOURCE_KEYS),
             "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None),
-            "rl": (GRPOConfig, RL_SOURCE_KEYS)}
+            "rl": (GRPOConfig, SOURCE_KEYS)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

@@ -13,7 +13,7 @@ from core.recipe import RecipeError, parse_recipe
 from core.sources import DataSourceError, SourceSpec, content_fingerprint, data_identity, load_rows
 from conftest import REPO
 
-PACKAGES = ["core", "pretrain", "sft", "rewards", "chat_templates", "rl"]
+PACKAGES = ["core", "pretrain", "sft", "rewards", "chat_templates", "rl", "preference", "distill"]
 
 
 def definitions(pattern: str) -> list[str]:
@@ -30,6 +30,7 @@ def definitions(pattern: str) -> list[str]:
     r"class SourceSpec\b", r"class MetricsWriter\b", r"def kill_if\b", r"def fault\b",
     r"def generate_transformers\b", r"def question\b", r"def redacted\b", r"class \w*Metrics\w*Callback\b",
     r"LOCAL_FORMATS = ", r"def is_secret\b", r"class AlertLog\b", r"def truncate_after\b",
+    r"\w*SOURCE_KEYS = ", r"def _?help\w*\(", r"\s+use_peft: ",
 ])
 def test_one_definition_of_each_shared_piece(pattern):
     assert len(definitions(pattern)) == 1, definitions(pattern)
@@ -82,7 +83,7 @@ def test_sft_rejects_options_that_would_do_nothing(tmp_path):
 
 
 def test_one_source_key_set_with_stage_specific_keys_refused():
-    from sft.data import SOURCE_KEYS
+    from core.sources import ROW_SOURCE_KEYS as SOURCE_KEYS
 
     with pytest.raises(DataSourceError, match=r"unknown keys \['max_documents'\]; did you mean 'max_rows'"):
         SourceSpec.from_dict({"path": "builtin:arithmetic", "max_documents": 3}, 0)

@@ -175,6 +175,15 @@ def resume_point(output_dir: str | os.PathLike, marker: str, resume_from_checkpo
     return path
 
 
+
+def trainer_resume_point(cfg) -> str | None:
+    """`resume_point` for the Trainer stages (sft, preference, rl, distill, the reward model), whose
+    trainer_state.json marks a complete checkpoint: the path as Trainer.train takes it, or None."""
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    point = resume_point(cfg.output_dir, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
+    return str(point) if point is not None else None
+
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """True if `path` holds a parseable stage.json and all its safetensors weights."""
     path = Path(path)

@@ -45,11 +45,10 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer import TRAINER_STATE_NAME
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
 from core.metrics import MetricsCallback
@@ -208,8 +207,7 @@ def run(cfg: DistillConfig) -> dict:
             raise ValueError(f"{key} is required: the {'student' if key == 'model_name_or_path' else 'teacher'} "
                              f"checkpoint (e.g. an SFT output directory)")
     out = Path(cfg.output_dir)
-    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
-    resume_from = str(resume_from) if resume_from is not None else None
+    resume_from = trainer_resume_point(cfg)
 
     # Tokenizers first: a mismatch fails before any model is loaded.
     tokenizer = load_tokenizer(cfg)

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.generation import GenerationSettings, generate_transformers, generate_vllm
+from core.generation import GenerationSettings
 from core.recipe import help_field as _help, parse_recipe, resolved_recipe
-from rewards.evaluate import eos_token_ids, prompt_token_ids, resolve_backend, score_samples
+from rewards.evaluate import resolve_backend, sample_checkpoint, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
 from rewards.verifier_pool import configure_default_pool
@@ -100,26 +100,13 @@ class Scored:
 
 def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -> tuple[list[Scored], bool]:
     """k completions per row from `model_path`, scored; and whether its tokenizer renders chats."""
-    from transformers import AutoTokenizer
-
     suite = get_suite(cfg.suite)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    conversational = bool(tokenizer.chat_template)
-    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], use_chat_template=True)
-    eos_ids = eos_token_ids(model_path, tokenizer)
     settings = GenerationSettings(
         max_new_tokens=suite.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype)
     backend = resolve_backend(cfg.backend)
-    if backend == "vllm":
-        samples = generate_vllm(model_path, prompts, eos_ids, settings, cfg.vllm_kv_cache_memory_bytes)
-    else:
-        import core  # noqa: F401  (registers the core with the Auto classes)
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=cfg.dtype)
-        samples = generate_transformers(model, prompts, eos_ids, settings, cfg.batch_size)
-        del model
+    tokenizer, samples, conversational = sample_checkpoint(
+        model_path, rows, settings, backend, True, cfg.batch_size, cfg.vllm_kv_cache_memory_bytes)
     # Scored as rewards.evaluate scores (special tokens skipped); kept with them for training.
     graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
     kept = [[tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in ss] for ss in samples]

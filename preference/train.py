@@ -42,13 +42,12 @@ from pathlib import Path
 
 import trl
 from datasets import Dataset
-from transformers.trainer import TRAINER_STATE_NAME
 from trl.data_utils import common_prefix_length
 from trl.experimental.orpo import ORPOTrainer as TRLORPOTrainer
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -122,7 +121,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
     """Everything before training: the run directory, tokenizer, data checks, model, reference, trainer."""
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to train (e.g. out/tiny/sft)")
-    resume_from = resume_point(Path(cfg.output_dir), TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
+    resume_from = trainer_resume_point(cfg)
     args = trainer_args(cfg)
     if cfg.use_peft and args.fsdp:
         raise ValueError("use_peft with FSDP is not supported by the preference stage: the merged LoRA weights "
@@ -157,7 +156,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
                f"process(es) (world size {args.world_size}, {trainer.accelerator.distributed_type}); {len(rows)} rows, "
                f"longest {max(lengths)} tokens"
                + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
-    return PreparedRun(trainer, None if resume_from is None else str(resume_from), fingerprint, stop_ids, summary)
+    return PreparedRun(trainer, resume_from, fingerprint, stop_ids, summary)
 
 
 def run(cfg: PreferenceConfig) -> dict:

@@ -113,24 +113,34 @@ def summarize_model(suite: RewardSuite, samples: list[list[Sample]], rewards: di
     return summary
 
 
-def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, rows: list[dict],
-                   settings: GenerationSettings, backend: str) -> dict:
-    """Generate, score and summarise one checkpoint; returns {"summary": ..., "samples": [...]}."""
+def sample_checkpoint(model_path: str, rows: list[dict], settings: GenerationSettings, backend: str,
+                      use_chat_template: bool, batch_size: int, vllm_kv_cache_memory_bytes: int):
+    """Completions of one checkpoint for the rows' prompts, with vLLM or transformers; returns
+    (tokenizer, samples, conversational). Also how preference.build_pairs samples its candidates."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    conversational = bool(config.use_chat_template and tokenizer.chat_template)
-    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], config.use_chat_template)
+    conversational = bool(use_chat_template and tokenizer.chat_template)
+    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], use_chat_template)
     eos_ids = eos_token_ids(model_path, tokenizer)
     if backend == "vllm":
-        samples = generate_vllm(model_path, prompts, eos_ids, settings, config.vllm_kv_cache_memory_bytes)
+        samples = generate_vllm(model_path, prompts, eos_ids, settings, vllm_kv_cache_memory_bytes)
     else:
         import core  # noqa: F401  (registers the core with the Auto classes)
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=settings.dtype)
-        samples = generate_transformers(model, prompts, eos_ids, settings, config.batch_size)
+        samples = generate_transformers(model, prompts, eos_ids, settings, batch_size)
         del model
+    return tokenizer, samples, conversational
+
+
+def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, rows: list[dict],
+                   settings: GenerationSettings, backend: str) -> dict:
+    """Generate, score and summarise one checkpoint; returns {"summary": ..., "samples": [...]}."""
+    tokenizer, samples, conversational = sample_checkpoint(
+        model_path, rows, settings, backend, config.use_chat_template, config.batch_size,
+        config.vllm_kv_cache_memory_bytes)
     # One decode for both backends (vLLM's incremental detokenizer may differ in whitespace).
     texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
     rewards = score_samples(suite, rows, samples, texts, conversational)

@@ -49,12 +49,11 @@ import trl
 from datasets import Dataset
 from jinja2 import TemplateError
 from transformers import AutoModelForSequenceClassification, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
 from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -210,8 +209,7 @@ def run(cfg: RewardModelConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to start from (e.g. out/tiny/sft)")
     out = Path(cfg.output_dir)
-    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
-    resume_from = str(resume_from) if resume_from is not None else None
+    resume_from = trainer_resume_point(cfg)
     tokenizer, added = load_stage_tokenizer(cfg)
     # The score head of a causal-LM checkpoint starts random: seeded, or two runs of one recipe differ from
     # the first step (and a resumed run could not be compared with an uninterrupted one).

@@ -44,7 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
 from core.metrics import MetricsCallback
@@ -167,8 +167,7 @@ def run(cfg: GRPOConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the policy to train (e.g. out/tiny/sft)")
     out = Path(cfg.output_dir)
-    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
-    resume_from = str(resume_from) if resume_from is not None else None
+    resume_from = trainer_resume_point(cfg)
 
     # Prompts and rewards first: a bad recipe fails before a model or an engine is loaded.
     names, weights, reward_kwargs = reward_setup(cfg)

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import trl
 from datasets import Dataset
-from transformers.trainer import TRAINER_STATE_NAME
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, resume_point, save_checkpoint
+from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -123,8 +122,7 @@ def run(cfg: SFTConfig) -> dict:
     out = Path(cfg.output_dir)
     # Only complete checkpoints: the Trainer writes trainer_state.json last, and get_last_checkpoint
     # would take a half-written highest-numbered one (issue 11).
-    resume_from = resume_point(out, TRAINER_STATE_NAME, cfg.resume_from_checkpoint)
-    resume_from = str(resume_from) if resume_from is not None else None
+    resume_from = trainer_resume_point(cfg)
     template = chat_templates.load(cfg.chat_template)
     tokenizer, added = load_stage_tokenizer(cfg)
     model = load_stage_model(cfg, tokenizer)

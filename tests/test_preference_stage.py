@@ -28,6 +28,7 @@ from preference.merge import MergeError
 from preference.merge import main as merge_main
 from preference.train import main as preference_main
 from preference.train import prepare
+from rewards import evaluate as rewards_evaluate  # where build_pairs samples (rewards.evaluate.sample_checkpoint)
 
 from conftest import launch_stage, logged_losses, ok, write_recipe
 
@@ -367,7 +368,7 @@ def test_build_pairs_pairs_best_with_worst_and_counts_prompts_without_a_pair(tmp
     for path in (weak, strong):
         SmolForgeForCausalLM.from_pretrained(chat_base).save_pretrained(path)
         tokenizer.save_pretrained(path)
-    monkeypatch.setattr(build_pairs_module, "generate_transformers", fake_generation(
+    monkeypatch.setattr(rewards_evaluate, "generate_transformers", fake_generation(
         {"weak": ["ANSWER", "ANSWER1", "ANSWER", "x"], "strong": ["ANSWER", "ANSWER", "ANSWER", "ANSWER"]},
         tokenizer))
     common = ["--suite", "arithmetic", "--backend", "transformers", "--num_samples", "4", "--max_prompts", "5"]

@@ -62,6 +62,15 @@ class DistillConfig(StageFields, trl.DistillationConfig):
         "Loss on teacher-sampled completions: divergence (supervised KD: the same divergence on the teacher's "
         "samples), or sft (cross-entropy on the teacher's tokens: sequence-level KD, Kim & Rush 2016, i.e. SFT on "
         "the teacher's own samples). lmbda: 0 with sft is the off-policy baseline.", default="divergence")
+    teacher_model_server_url: str | None = _help(
+        "A vLLM server serving the teacher (`python -m rl.serve --model_name_or_path <teacher>`), e.g. "
+        "http://127.0.0.1:8000 (TRL's ServerDistillationConfig field): the teacher's log-probs of the student's "
+        "tokens come from it, over the whole vocabulary (vLLM prompt log-probs), so the teacher is not held in the "
+        "trainer's memory and the divergence is the same as in-process. teacher_model_name_or_path still names the "
+        "checkpoint it serves (its tokenizer and vocabulary are checked). Needs lmbda 1: the teacher does not "
+        "sample. Null: the teacher runs in-process.", default=None)
+    teacher_request_timeout: float = _help(
+        "Seconds one request to the teacher server may take; past it the run fails naming the server.", default=120.0)
     token_budget: int | None = _help(
         "Stop once this many completion tokens have been trained on (all processes together), so on- and "
         "off-policy runs compare at an equal number of student tokens. Null: max_steps / epochs decide.",
@@ -91,6 +100,9 @@ class DistillConfig(StageFields, trl.DistillationConfig):
             self.beta = DIVERGENCE_BETA[self.divergence]
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda={self.lmbda}: the on-policy fraction must be between 0 and 1")
+        if self.teacher_model_server_url is not None and self.lmbda != 1.0:
+            raise ValueError(f"teacher_model_server_url with lmbda={self.lmbda}: a served teacher scores the student's "
+                             f"samples but does not sample itself; set lmbda 1 or run the teacher in-process")
         if (self.prompt_suite is None) == (self.sources is None):
             raise ValueError("give exactly one of prompt_suite (a reward suite's prompts, e.g. arithmetic) and "
                              f"sources (data with a `prompt` column); got prompt_suite={self.prompt_suite!r}, "

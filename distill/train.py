@@ -15,7 +15,10 @@ teacher; load and check the prompts (distill/data.py); train; save the student w
 
 Where we deviate from TRL's DistillationTrainer (all in `DistillTrainer` below):
   - the teacher is loaded here from `teacher_model_name_or_path` and passed to the trainer as a model
-    (TRL reads that field only when a teacher *name* is passed to the trainer itself);
+    (TRL reads that field only when a teacher *name* is passed to the trainer itself), or served by
+    `python -m rl.serve` (`teacher_model_server_url`): its prompt log-probs of the student's samples over the
+    whole vocabulary, so the divergence is the in-process one (TRL's ServerDistillationTrainer keeps only
+    the teacher's top-1 when beta > 0, a sparse approximation);
   - λ (`lmbda`): each optimizer step's completions are sampled by the student with probability λ, else
     by the teacher (transformers `generate`, core/generation.py), a draw seeded by (seed, step) so a
     resumed run makes the same choices; TRL's trainer is λ = 1;
@@ -53,6 +56,7 @@ from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
+from core.vllm.client import TimedVLLMClient
 from core.vllm.trl_sync import ColocatedWeightSyncMixin
 
 from .config import DistillConfig
@@ -87,6 +91,21 @@ def check_same_model_vocabulary(student, teacher, student_path: str, teacher_pat
         raise VocabularyMismatchError(
             f"the student ({student_path}) predicts {sizes[0]} tokens, the teacher ({teacher_path}) {sizes[1]}: "
             f"the same tokenizer, but output layers of different sizes; resize one model's embeddings to the other's")
+
+
+def served_teacher(cfg: DistillConfig, student) -> TimedVLLMClient:
+    """A client of the teacher server, after checking that it serves a model of the student's vocabulary
+    (the checkpoint named by teacher_model_name_or_path, whose tokenizer was checked already)."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(cfg.teacher_model_name_or_path).get_text_config().vocab_size
+    size = student.get_output_embeddings().weight.shape[0]
+    if vocab != size:
+        raise VocabularyMismatchError(
+            f"the student ({cfg.model_name_or_path}) predicts {size} tokens, the served teacher "
+            f"({cfg.teacher_model_name_or_path}) {vocab}: resize one model's embeddings to the other's")
+    return TimedVLLMClient(base_url=cfg.teacher_model_server_url, connection_timeout=cfg.teacher_request_timeout,
+                           request_timeout=cfg.teacher_request_timeout)
 
 
 def load_tokenizer(cfg: DistillConfig):
@@ -127,8 +146,9 @@ class CompletionTokens(TrainerCallback, ExportableState):
 class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.DistillationTrainer):
     """TRL's DistillationTrainer with the on-policy fraction λ and the off-policy losses (module docstring)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, teacher_client=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.teacher_client = teacher_client  # a served teacher (core.vllm.client), or None: in-process
         self.sampled_by = "student"  # who sampled the current generation batch
         self.add_callback(CompletionTokens(self.args.token_budget))
 
@@ -176,17 +196,60 @@ class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.Distilla
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         if self.sampled_by == "teacher" and self.args.off_policy_loss == "sft":
             return self.sft_loss(unwrapped_student, inputs, num_items_in_batch)
+        if self.teacher_client is not None:
+            return self.served_teacher_loss(unwrapped_student, inputs, num_items_in_batch)
         return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+
+    def completion_log_probs(self, unwrapped_student, inputs):
+        """The student's next-token log-probs over the completion positions, (B, K, V), and the mask (B, K)."""
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, mask.size(1))  # (B, K, H)
+        logits = unwrapped_student.get_output_embeddings()(hidden).float()  # (B, K, V)
+        return F.log_softmax(logits, dim=-1), mask
+
+    @torch.no_grad()
+    def served_teacher_log_probs(self, inputs, vocab_size: int) -> torch.Tensor:
+        """The served teacher's log-probs at every completion position, (B, K, V), over the whole vocabulary:
+        vLLM's prompt log-probs of prompt + completion (TRL's VLLMClient.get_sequence_logprobs), at
+        temperature 1 (the loss applies the trainer's temperature to both sides, as in-process)."""
+        sequences, prompt_lengths = [], []
+        for prompt, prompt_mask, completion, completion_mask in zip(
+                inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], inputs["completion_mask"]):
+            prompt = prompt[prompt_mask.bool()].tolist()
+            sequences.append(prompt + completion[completion_mask.bool()].tolist())
+            prompt_lengths.append(len(prompt))
+        result = self.teacher_client.get_sequence_logprobs(sequences, prompt_lengths, top_logprobs=vocab_size)
+        completion = inputs["completion_ids"]
+        # Padding positions stay uniform (0): masked out of the loss, and finite so they cannot turn it NaN.
+        dense = torch.zeros(*completion.shape, vocab_size)
+        for i, (values, token_ids) in enumerate(zip(result["logprobs"], result["logprob_token_ids"])):
+            if values:
+                dense[i, :len(values)] = float("-inf")
+                dense[i, :len(values)].scatter_(-1, torch.tensor(token_ids), torch.tensor(values, dtype=torch.float32))
+        return dense.to(completion.device)
+
+    def served_teacher_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """The recipe's divergence against the served teacher, normalised as TRL's in-process loss (by the
+        completion tokens of the whole optimizer step); returns (loss, entropy sum, token count)."""
+        from trl.experimental.gkd import GKDTrainer
+
+        log_probs, mask = self.completion_log_probs(unwrapped_student, inputs)
+        teacher = self.served_teacher_log_probs(inputs, log_probs.size(-1))
+        labels = torch.where(mask.bool(), inputs["completion_ids"], torch.full_like(inputs["completion_ids"], -100))
+        # GKD's generalised JSD (beta 0: forward KL, 1: reverse KL, as DistillationTrainer's beta), on
+        # log-probs: log_softmax(log p / T) = log_softmax(logits / T), so they stand in for logits.
+        total = GKDTrainer.generalized_jsd_loss(log_probs, teacher, labels=labels, beta=self.beta,
+                                                temperature=self.temperature, reduction="sum")
+        loss = total / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return loss, (entropy * mask).sum().detach(), mask.sum()
 
     def sft_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """Cross-entropy of the student on the sampled completion tokens, normalised as TRL's divergence
         (by the completion tokens of the whole optimizer step); returns (loss, entropy sum, token count)."""
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        mask = inputs["completion_mask"]  # (B, K)
-        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask, mask.size(1))  # (B, K, H)
-        logits = unwrapped_student.get_output_embeddings()(hidden).float()  # (B, K, V)
-        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs, mask = self.completion_log_probs(unwrapped_student, inputs)
         token_log_probs = log_probs.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)  # (B, K)
         loss = -(token_log_probs * mask).sum()
         loss = loss / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -215,8 +278,12 @@ def run(cfg: DistillConfig) -> dict:
     check_same_vocabulary(tokenizer, teacher_tokenizer, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
 
     student = load_model(cfg.model_name_or_path, cfg, cfg.model_init_kwargs)
-    teacher = load_model(cfg.teacher_model_name_or_path, cfg, cfg.teacher_model_init_kwargs).eval()
-    check_same_model_vocabulary(student, teacher, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
+    teacher, teacher_client = None, None
+    if cfg.teacher_model_server_url is None:
+        teacher = load_model(cfg.teacher_model_name_or_path, cfg, cfg.teacher_model_init_kwargs).eval()
+        check_same_model_vocabulary(student, teacher, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
+    else:
+        teacher_client = served_teacher(cfg, student)
     eos_ids = student.generation_config.eos_token_id
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
 
@@ -229,7 +296,7 @@ def run(cfg: DistillConfig) -> dict:
     # TRL refuses teacher_model_init_kwargs next to a loaded teacher; they were used above (load_model).
     teacher_init_kwargs, cfg.teacher_model_init_kwargs = cfg.teacher_model_init_kwargs, None
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=train_dataset,
-                             processing_class=tokenizer,
+                             processing_class=tokenizer, teacher_client=teacher_client,
                              callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
     cfg.teacher_model_init_kwargs = teacher_init_kwargs
     accelerator = trainer.accelerator
@@ -237,7 +304,8 @@ def run(cfg: DistillConfig) -> dict:
     generator = f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers"
     accelerator.print(
         f"distill: {accelerator.num_processes} process(es) (world size {cfg.world_size}, "
-        f"{accelerator.distributed_type}); student {cfg.model_name_or_path}, teacher {cfg.teacher_model_name_or_path}; "
+        f"{accelerator.distributed_type}); student {cfg.model_name_or_path}, teacher {cfg.teacher_model_name_or_path}"
+        f"{'' if teacher_client is None else ' served at ' + cfg.teacher_model_server_url}; "
         f"{len(prompts)} prompts ({min(lengths)}-{max(lengths)} tokens); divergence {cfg.divergence} (beta {cfg.beta}), "
         f"on-policy fraction {cfg.lmbda}, off-policy loss {cfg.off_policy_loss}; student samples with {generator}")
     if resume_from is not None:

@@ -32,57 +32,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 import torch
 from accelerate.utils import broadcast_object_list
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from trl.generation import vllm_generation
-from trl.generation.vllm_client import VLLMClient
 
 import core.vllm
-
-
-class VLLMServerError(RuntimeError):
-    """The vLLM server failed, stalled or went away; raised on every trainer rank."""
+import core.vllm.client
+from core.vllm.client import VLLMServerError
 
 
 def on_cpu() -> bool:
     return not torch.accelerator.is_available()
 
 
-class TimedVLLMClient(VLLMClient):
-    """TRL's client with a timeout on every request, few retries, and errors that name the server."""
-
-    def __init__(self, *args, request_timeout: float, **kwargs):
-        self.request_timeout = request_timeout
-        super().__init__(*args, **kwargs)
-        # TRL retries 5 times with backoff 2..32 s (about a minute) before a refused connection counts;
-        # a server that went away should be reported within the timeout instead.
-        adapter = HTTPAdapter(max_retries=Retry(total=2, backoff_factor=0.5, allowed_methods=["POST", "GET"]))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-
-    def _request(self, method: str, url: str, **kwargs) -> dict:
-        try:
-            response = self.session.request(method, url, timeout=self.request_timeout, **kwargs)
-        except requests.exceptions.Timeout as error:
-            raise VLLMServerError(f"vLLM server {self.base_url} did not answer {url} within "
-                                  f"vllm_request_timeout={self.request_timeout} s (stalled?): {error}") from error
-        except requests.exceptions.RequestException as error:
-            raise VLLMServerError(f"vLLM server {self.base_url} is unreachable ({url}): "
-                                  f"{type(error).__name__}: {error}") from error
-        if response.status_code != 200:
-            raise VLLMServerError(f"vLLM server {self.base_url} answered {url} with HTTP {response.status_code}: "
-                                  f"{response.text[:2000]}")
-        return response.json() if response.content else {}
-
-    def _get(self, url: str, **kwargs) -> dict:
-        return self._request("GET", url, **kwargs)
-
-    def _post(self, url: str, **kwargs) -> dict:
-        return self._request("POST", url, **kwargs)
+class TimedVLLMClient(core.vllm.client.TimedVLLMClient):
+    """The timed client (core/vllm/client.py) with the CPU weight sync of served mode."""
 
     def reload_weights_from(self, weights_dir: str) -> None:
         """CPU weight sync: the server's workers reload their weights from a safetensors directory."""

@@ -1,9 +1,14 @@
 """Shared fixtures: tiny models built here (nothing is downloaded), one vLLM engine per session."""
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -178,3 +183,48 @@ def vllm_llm_factory(tmp_path_factory, vllm_module):
 
     yield start
     engines.clear()
+
+
+# --- servers (rl.serve) ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll `predicate` (never a fixed sleep for an event); fail naming `what` if `proc` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def healthy(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: Path, log: Path, max_model_len: int = 64, *flags: str):
+    """`python -m rl.serve` for `model_dir` on a free port of 127.0.0.1, up (polled /health); yields the port
+    and kills the server with its engine-core process (its own session) on exit."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "rl.serve", "--model_name_or_path", str(model_dir),
+                               "--port", str(port), "--max_model_len", str(max_model_len), *flags], cwd=REPO,
+                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        wait_for(lambda: healthy(port), 600, "vLLM server up", server)
+        yield port
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()

@@ -21,7 +21,7 @@ from distill.config import DistillConfig
 from distill.data import PromptDataError
 from distill.train import VocabularyMismatchError, main as distill_main
 
-from conftest import PRETRAIN_SOURCES, REPO, launch_stage, logged_losses, ok, perturb_, write_recipe
+from conftest import PRETRAIN_SOURCES, REPO, launch_stage, logged_losses, ok, perturb_, vllm_server, write_recipe
 
 
 def save_chat_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
@@ -191,3 +191,50 @@ def test_compare_reports_scores_fraction_of_teacher_and_compute(tmp_path, capsys
     assert [row["of teacher"] for row in rows] == pytest.approx([0.25, 0.75, 0.5, 1.0])
     assert rows[1]["student tokens"] == 100 and rows[2]["teacher tokens"] == 100
     assert "fraction of the teacher's score" in capsys.readouterr().out
+
+
+@pytest.mark.vllm
+def test_a_served_teacher_gives_the_in_process_log_probs_and_divergence(tmp_path, chat_models, vllm_module):
+    """One teacher server (python -m rl.serve): its log-probs of the student's tokens equal the in-process
+    teacher's, and a run against it trains with the in-process divergence (0 at step 0 for student =
+    teacher, the other teacher's value for another student)."""
+    from core.vllm.client import TimedVLLMClient
+
+    a, b = chat_models
+    # float32 as the in-process teacher (vLLM on CPU would serve a float32 checkpoint in bf16: 0.03 apart).
+    with vllm_server(b, tmp_path / "server.log", 512, "--dtype", "float32") as port:
+        url = f"http://127.0.0.1:{port}"
+        tokenizer = AutoTokenizer.from_pretrained(b)
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 3+4?"}], tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion = tokenizer("<think>\n3+4=7\n</think>\n7", add_special_tokens=False)["input_ids"]
+        teacher = SmolForgeForCausalLM.from_pretrained(b).eval()
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prompt_ids + completion])).logits[0, len(prompt_ids) - 1:-1]
+        local = torch.log_softmax(logits.float(), dim=-1)
+        client = TimedVLLMClient(base_url=url, connection_timeout=60, request_timeout=60)
+        served = client.get_sequence_logprobs([prompt_ids + completion], [len(prompt_ids)], top_logprobs=local.size(-1))
+        dense = torch.full_like(local, float("-inf"))
+        for position, (values, ids) in enumerate(zip(served["logprobs"][0], served["logprob_token_ids"][0])):
+            dense[position, ids] = torch.tensor(values)
+        assert torch.isfinite(dense).all(), "the server returns the whole vocabulary"
+        assert torch.allclose(dense, local, atol=1e-3), (dense - local).abs().max()
+
+        # Training against the server: the divergence is the in-process one at step 0.
+        common = dict(teacher_model_server_url=url, max_steps=1, save_strategy="no")
+        served_run, local_run = tmp_path / "served", tmp_path / "local"
+        distill_main(["--config", str(recipe(tmp_path, b, b, **common)), "--output_dir", str(served_run / "same")])
+        assert abs(first_loss(served_run / "same")) < 1e-4
+        distill_main(["--config", str(recipe(tmp_path, a, b, **common)), "--output_dir", str(served_run / "other")])
+    distill_main(["--config", str(recipe(tmp_path, a, b, max_steps=1, save_strategy="no")),
+                  "--output_dir", str(local_run)])
+    assert first_loss(served_run / "other") == pytest.approx(first_loss(local_run), rel=1e-3, abs=1e-4)
+    assert first_loss(local_run) > 1e-3
+
+
+def test_a_served_teacher_needs_lmbda_1(tmp_path, chat_models):
+    a, b = chat_models
+    r = recipe(tmp_path, a, b, teacher_model_server_url="http://127.0.0.1:9", lmbda=0.5)
+    with pytest.raises(ValueError, match="teacher_model_server_url with lmbda=0.5"):
+        distill_main(["--config", str(r), "--output_dir", str(tmp_path / "run")])

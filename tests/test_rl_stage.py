@@ -9,17 +9,15 @@ One engine per stage run (the engine lives in the stage's process, or in the ser
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, launch_stage, ok, write_recipe
+from conftest import REPO, free_port, healthy, launch_stage, ok, wait_for, write_recipe
 from rl_policy import build_policy
 
 # Greedy log-probs of vLLM's CPU kernels vs the transformers forward, both fp32: measured up to 1.4e-2
@@ -88,30 +86,6 @@ def test_colocated_vllm_trains_syncs_and_resumes_after_kill(policy_dir, tmp_path
     samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2, 3}
     assert {"prompt", "completion", "reward/accuracy", "reward/soft_overlong_punishment", "advantage"} <= set(samples[0])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
-def healthy(port: int) -> bool:
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.vllm

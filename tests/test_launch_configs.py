@@ -114,7 +114,9 @@ def test_deepspeed_config_trains_sft_on_two_cpu_processes_like_one_process(tmp_p
     assert trained.keys() == reference.keys()
     for name, tensor in trained.items():
         assert tensor.shape == reference[name].shape, name
-        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        # ZeRO sums gradients in another order than one process: measured up to 1.1e-5 apart after 3 Adam
+        # steps, against an update of up to lr = 1e-3 per step.
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=5e-5, msg=name)
     assert any(not torch.equal(trained[k], start[k]) for k in trained)
     assert json.loads((out / "stage.json").read_text())["stage"] == "sft"
 
@@ -242,9 +244,10 @@ def test_grpo_job_serves_vllm_on_the_first_node_and_trains_on_the_others(tmp_pat
     check_module_flags(module, flags)
     (cfg,) = parse_recipe(config_class, args=[str(REPO / f) if f.startswith("recipes/") else f for f in flags])
     assert (cfg.vllm_mode, cfg.vllm_server_host, cfg.vllm_server_port) == ("server", "gpu-node-0", serve_cfg.port)
-    # Commands in order: nodes listed, server started, health checked, then training.
-    order = [c[0] for c in commands if c[0] in ("python", "curl", "accelerate")]
-    assert order.index("python") < order.index("curl") < order.index("accelerate")
+    # Training starts only after the health check answered. (The server is started in the background, so when
+    # its stand-in records itself, before or after the first check, is up to the scheduler.)
+    order = [c[0] for c in commands if c[0] in ("curl", "accelerate")]
+    assert order.index("curl") < order.index("accelerate")
 
 
 def test_grpo_job_refuses_a_single_node(tmp_path):

@@ -161,8 +161,11 @@ def run_job(tmp_path: Path, job: Path, nodes: int, node_id: int = 0, **env: str)
     log.unlink(missing_ok=True)
     for name, body in SHIMS.items():
         shim = bin_dir / name
-        shim.write_text(f'#!/bin/bash\n{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" '
-                        f'{name} "$@" >> "$SHIM_LOG"\n{body}\n')
+        # One O_APPEND write per command: the GRPO job's server runs in the background, and two stand-ins
+        # printing at once could interleave their lines.
+        record = ("import json, os, sys; fd = os.open(os.environ['SHIM_LOG'], os.O_WRONLY | os.O_APPEND | os.O_CREAT); "
+                  "os.write(fd, (json.dumps(sys.argv[1:]) + chr(10)).encode())")
+        shim.write_text(f'#!/bin/bash\n{sys.executable} -c "{record}" {name} "$@"\n{body}\n')
         shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SHIM_LOG": str(log),
                    "SHIM_NODES": str(nodes), "SHIM_NODEID": str(node_id), "SLURM_JOB_NODELIST": "gpu-node-[0-9]",

@@ -146,14 +146,28 @@ def test_gspo_with_kl_reference_and_lora_trains_with_transformers_generate(polic
 
 
 @pytest.mark.vllm
-def test_grpo_raises_held_out_pass_at_1(policy_dir, tmp_path, vllm_module):
-    """It learns: greedy pass@1 on the arithmetic suite's 40 held-out prompts, before and after 30
-    GRPO steps with colocated vLLM (measured 0.000 -> 0.125, 16 s of training on 2 busy cores)."""
-    recipe = write_recipe(tmp_path, base_recipe(policy_dir, num_generations=8, per_device_train_batch_size=64,
-                                                learning_rate=2e-3, lr_scheduler_type="constant", max_steps=30,
-                                                save_strategy="no", logging_steps=5, vllm_sync_check=0))
+def test_grpo_raises_the_accuracy_reward(policy_dir, tmp_path, vllm_module):
+    """It learns: on 8 training prompts, the accuracy reward of the rollouts rises over 40 GRPO steps with
+    colocated vLLM; held-out greedy pass@1 is measured before and after (printed, stored in stage.json).
+
+    Not asserted on the 40 held-out prompts: for this test policy the change there is within noise
+    (measured 0.000 -> 0.125 with an earlier tokenizer; 0.075 -> 0.125, 0.100 -> 0.125 and 0.100 -> 0.000
+    after the built-in arithmetic text changed, issue 18), and over all 160 training prompts 30 steps move
+    the reward little (0.03 -> 0.04)."""
+    from core.arithmetic import answer, question, split_of
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": question(f)}],
+                                        "answer": str(answer(f))}) + "\n" for f in split_of("train")[:8]))
+    recipe = write_recipe(tmp_path, base_recipe(policy_dir, suite=None, sources=[{"path": str(data)}],
+                                                reward_funcs=["accuracy"], num_generations=8,
+                                                per_device_train_batch_size=64, learning_rate=5e-3,
+                                                lr_scheduler_type="constant", max_steps=40, save_strategy="no",
+                                                logging_steps=1, vllm_sync_check=0))
     out = tmp_path / "run"
     result = ok(launch_stage("rl", recipe, out, env=ONE_THREAD))
-    print(next(line for line in result.stdout.splitlines() if line.startswith("held-out pass@1")))
-    scores = json.loads((out / "stage.json").read_text())["metrics"]
-    assert scores["held_out/pass@1_after"] >= scores["held_out/pass@1_before"] + 0.075, scores
+    accuracy = [row["rewards/accuracy/mean"] for row in metrics(out) if "rewards/accuracy/mean" in row]
+    first, last = sum(accuracy[:5]) / 5, sum(accuracy[-5:]) / 5
+    print(f"accuracy reward of the rollouts on 8 prompts: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    # Measured 0.081 -> 0.259.
+    assert len(accuracy) == 40 and last >= first + 0.1 and last >= 2 * first, accuracy

@@ -92,8 +92,11 @@ def test_colocated_vllm_trains_syncs_and_resumes_after_kill(policy_dir, tmp_path
 def test_served_vllm_two_trainer_processes_fail_on_every_rank_when_the_server_dies(policy_dir, tmp_path, vllm_module):
     port = free_port()
     # Its own session, so that the server and its engine-core process are killed together by group id.
+    # float32 as the trainer: vLLM on CPU serves a float32 checkpoint in bf16 by default, and then a near-tie
+    # can flip a greedy token of the sync check (seen once on a fresh clone: sync_greedy_match 0.0 at step 2).
     server = subprocess.Popen([sys.executable, "-m", "rl.serve", "--model_name_or_path", str(policy_dir),
-                               "--port", str(port), "--max_model_len", "64"], cwd=REPO, start_new_session=True,
+                               "--port", str(port), "--max_model_len", "64", "--dtype", "float32"], cwd=REPO,
+                              start_new_session=True,
                               env={**os.environ, **ONE_THREAD},
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
     trainer = None

@@ -88,6 +88,31 @@ def _is_think_answer(text: str) -> bool:
     return middle.count("\n</think>\n<answer>\n") == 1 and "<think>" not in middle and "</answer>" not in middle
 
 
+# A number as the answer states it: optional sign, digits, optional decimals ("12", "-3", "0.5").
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_consistency(completions: Sequence, **columns) -> list[float | None]:
+    """1.0 if the text after the think block states, as its last number, the number the think block ends on;
+    0.0 if it states another or none; None when there is no closed think block to compare with.
+
+    A right answer after reasoning that concluded something else is a guess, and `accuracy` pays for it
+    all the same. Measured on the tiny SFT model (issue 18): its held-out errors after GRPO were answers
+    that contradict their own think block (`<think>\\n4*9=36\\n</think>\\n\\n46`), and on-policy pairs
+    ranked by accuracy alone took lucky guesses as `chosen`. Answer/reasoning agreement is the simplest
+    faithfulness check (Lanham et al. 2023, "Measuring Faithfulness in Chain-of-Thought Reasoning")."""
+    scores = []
+    for completion in completions:
+        text = completion_text(completion)
+        if text.count("</think>") != 1:
+            scores.append(None)
+            continue
+        thought, answer = text.split("</think>")
+        concluded, stated = _NUMBER.findall(thought), _NUMBER.findall(answer)
+        scores.append(1.0 if concluded and stated and float(concluded[-1]) == float(stated[-1]) else 0.0)
+    return scores
+
+
 def boxed_format(completions: Sequence, **columns) -> list[float | None]:
     """1.0 if the completion gives one final answer in `\\boxed{}` (boxing the same answer twice is
     fine, two different boxed answers are not), else 0.0."""
@@ -183,6 +208,7 @@ def repetition_penalty(
 REWARD_FUNCS: dict[str, RewardFunction] = {
     "accuracy": accuracy,
     "format": think_answer_format,
+    "answer_consistency": answer_consistency,
     "think_format": think_format,
     "boxed_format": boxed_format,
     "tag_count": tag_count,

@@ -145,7 +145,7 @@ SUITES: dict[str, RewardSuite] = {
         name="arithmetic",
         description="single-digit a+b and a*b facts, built in (the tiny recipes' task)",
         load=arithmetic_rows,
-        reward_weights={"accuracy": 1.0, "soft_overlong_punishment": 0.1},
+        reward_weights={"accuracy": 1.0, "answer_consistency": 0.5, "soft_overlong_punishment": 0.1},
         # The answers are at most 2 digits: 8 tokens is room to answer and stop.
         reward_kwargs={"soft_overlong_punishment": {"max_completion_len": 8, "soft_punish_cache": 4}},
         max_new_tokens=8,

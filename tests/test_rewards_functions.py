@@ -78,6 +78,20 @@ def test_format_and_tag_count():
     assert REWARD_FUNCS["tag_count"]([good, "<think>\nonly this", "12"]) == [1.0, 0.25, 0.0]
 
 
+def test_answer_consistency_compares_the_answer_with_the_think_blocks_conclusion():
+    completions = ["<think>\n4*9=36\n</think>\n\n36",           # agrees
+                   "<think>\n4*9=36\n</think>\n\n46",           # contradicts it: a guess, even when right
+                   "<think>\nI am not sure.\n</think>\n\n36",   # concluded nothing
+                   "<think>\n4*9=36\n</think>\n\nI don't know",  # states nothing
+                   "<think>\n1/2 = 0.5\n</think>\nIt is 0.50.",  # the same number, written differently
+                   "36",                                           # no think block: nothing to compare
+                   "<think>\n36\n</think>\n36</think>\n35"]       # two closing tags: ambiguous
+    assert REWARD_FUNCS["answer_consistency"](completions) == [1.0, 0.0, 0.0, 0.0, 1.0, None, None]
+    # A right answer after reasoning that concluded otherwise: accuracy pays, consistency does not.
+    lucky = ["<think>\n2*1=2\n</think>\n\n3"]
+    assert (REWARD_FUNCS["accuracy"](lucky, answer=["3"]), REWARD_FUNCS["answer_consistency"](lucky)) == ([1.0], [0.0])
+
+
 def test_boxed_format_wants_one_answer():
     assert REWARD_FUNCS["boxed_format"](["\\boxed{12}", "\\boxed{12} \\boxed{12}", "\\boxed{1} \\boxed{2}", "12"]) \
         == [1.0, 1.0, 0.0, 0.0]

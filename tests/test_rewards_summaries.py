@@ -11,7 +11,8 @@ import pytest
 from rewards.evaluate import Sample, format_table, pass_at_k, summarize_model
 from rewards.suites import SUITES
 
-SUITE = SUITES["arithmetic"]  # accuracy (weight 1.0, the pass reward) + soft_overlong_punishment (0.1)
+SUITE = SUITES["arithmetic"]  # accuracy (weight 1.0, the pass reward) + soft_overlong_punishment (0.1); its
+# answer_consistency (0.5) is left out here, as a reward nobody scored is left out of the weighted total
 
 # 4 prompts x 4 samples, prompt-major. Accuracy per prompt:
 #   0: all right; 1: one right; 2: none right; 3: one right, one unscored (an unparseable gold), and a

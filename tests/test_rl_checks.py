@@ -53,6 +53,19 @@ def test_reward_weights_and_knobs_are_checked(tmp_path):
                    reward_kwargs={"soft_overlong_punishment": {"cache": 4}}))
 
 
+@pytest.mark.parametrize("models, message", [
+    ([{"path": "no-such-rm", "weight": 0.5}], r"reward_models\[0\]: path 'no-such-rm' is not a checkpoint directory"),
+    ([{"weight": 0.5}], r"reward_models\[0\]: give either path .* or url"),
+    ([{"path": "a", "url": "http://127.0.0.1:1"}], r"reward_models\[0\]: give either path .* or url"),
+    ([{"path": "a", "wieght": 0.5}], r"reward_models\[0\]: unknown keys \['wieght'\]"),
+])
+def test_bad_reward_models_fail_before_anything_loads(tmp_path, models, message):
+    with pytest.raises(ValueError, match=message):
+        run(recipe(tmp_path, suite="arithmetic", reward_models=models))
+    with pytest.raises(RLDataError, match=r"no rewards: reward_funcs is empty and there are no reward_models"):
+        run(recipe(tmp_path, suite="arithmetic", reward_funcs=[]))
+
+
 def test_suite_and_sources_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="give exactly one of `suite`"):
         recipe(tmp_path)
@@ -138,7 +151,7 @@ def test_overlong_penalty_follows_the_runs_completion_limit(tmp_path):
     from rl.data import reward_setup
 
     names, weights, kwargs = reward_setup(recipe(tmp_path, suite="arithmetic", max_completion_length=32))
-    assert names == ["accuracy", "soft_overlong_punishment"] and weights == [1.0, 0.1]
+    assert names == ["accuracy", "answer_consistency", "soft_overlong_punishment"] and weights == [1.0, 0.5, 0.1]
     # The suite evaluates with 8 tokens; this run generates up to 32: DAPO's L_max is the run's.
     assert kwargs["soft_overlong_punishment"] == {"max_completion_len": 32, "soft_punish_cache": 4}
     cfg = recipe(tmp_path, suite="arithmetic", max_completion_length=32,

@@ -8,7 +8,7 @@
 Self mode: sample `num_samples` (k) completions per prompt of the suite's `split` from the policy
 (vLLM when installed, colocated in this process; else transformers' generate: core/generation.py),
 score each with the suite's reward functions (the weighted total, exactly as `rewards.evaluate`
-scores: `score_samples`; or one of them, `pair_reward`), and pair the best completion (chosen) with the worst (rejected). A prompt
+scores: `score_samples`; or the weighted total of some of them, `pair_reward`), and pair the best completion (chosen) with the worst (rejected). A prompt
 whose scored completions all tie (all right, or all wrong and alike), or with fewer than two
 scored, gives no pair.
 
@@ -59,9 +59,10 @@ class BuildPairsConfig:
     max_prompts: int | None = _help("Use only the first N prompts.", default=None)
     strong_model_name_or_path: str | None = _help(
         "Strong-vs-weak mode: chosen comes from this (stronger) checkpoint, rejected from the policy.", default=None)
-    pair_reward: str | None = _help(
-        "The reward that ranks completions: one of the suite's rewards (e.g. accuracy), or null for the suite's "
-        "weighted total, as evaluation ranks them.", default=None)
+    pair_reward: list[str] | None = _help(
+        "The rewards that rank completions: some of the suite's rewards (e.g. [accuracy, answer_consistency]), "
+        "summed with the suite's weights; null for the suite's whole weighted total, as evaluation ranks them.",
+        default=None)
     output_format: Literal["pairs", "kto"] = _help(
         "pairs: prompt/chosen/rejected rows (dpo, orpo); kto: prompt/completion/label rows.", default="pairs")
     num_samples: int = _help("Completions sampled per prompt and per model (k).", default=8)
@@ -82,6 +83,8 @@ class BuildPairsConfig:
                                   default=5.0)
 
     def __post_init__(self):
+        if isinstance(self.pair_reward, str):  # `pair_reward: accuracy`, one reward
+            self.pair_reward = [self.pair_reward]
         if self.num_samples < 1 or (self.strong_model_name_or_path is None and self.num_samples < 2):
             raise ValueError(f"num_samples={self.num_samples}: self mode pairs the best of k samples with the worst, "
                              f"so k must be >= 2 (>= 1 in strong-vs-weak mode)")
@@ -111,9 +114,16 @@ def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -
     graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
     kept = [[tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in ss] for ss in samples]
     rewards = score_samples(suite, rows, samples, graded, conversational)
-    if cfg.pair_reward is not None and cfg.pair_reward not in rewards:
-        raise ValueError(f"pair_reward={cfg.pair_reward!r} is not a reward of suite {suite.name!r}: {sorted(rewards)}")
-    totals = weighted_total(rewards, suite.reward_weights) if cfg.pair_reward is None else rewards[cfg.pair_reward]
+    for name in cfg.pair_reward or []:
+        if name not in rewards:
+            raise ValueError(f"pair_reward={name!r} is not a reward of suite {suite.name!r}: {sorted(rewards)}")
+    ranking = rewards if cfg.pair_reward is None else {name: rewards[name] for name in cfg.pair_reward}
+    totals = weighted_total(ranking, suite.reward_weights)
+    # An empty completion (the policy ended its turn at once) cannot be a reply to train on: the preference
+    # loader refuses empty content by row, so it takes no part in the ranking (it was the worst-scored
+    # sample of a prompt, and so `rejected`, once answer_consistency joined the arithmetic suite).
+    totals = [None if not text.strip() else total
+              for text, total in zip((t for texts in kept for t in texts), totals, strict=True)]
     k = cfg.num_samples
     print(f"{model_path}: {len(rows)} prompts x {k} samples ({backend}), mean score "
           f"{_mean(totals):.4f}, truncated {sum(s.truncated for ss in samples for s in ss)}")

@@ -401,6 +401,30 @@ def test_build_pairs_pairs_best_with_worst_and_counts_prompts_without_a_pair(tmp
     assert json.loads((tmp_path / "strong-weak/summary.json").read_text())["rows_written"] == 10
 
 
+def test_build_pairs_ranks_by_named_rewards_and_never_pairs_an_empty_reply(tmp_path, chat_base, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(chat_base)
+    policy = tmp_path / "policy"
+    SmolForgeForCausalLM.from_pretrained(chat_base).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    # Per prompt: a lucky guess after a think block that concluded 99, an empty reply (the policy ended its
+    # turn at once), a wrong answer that contradicts its think block, and the reasoned right answer.
+    replies = ["<think>\n99\n</think>\nANSWER", "", "<think>\nANSWER\n</think>\n99", "<think>\nANSWER\n</think>\nANSWER"]
+    monkeypatch.setattr(rewards_evaluate, "generate_transformers", fake_generation({"policy": replies}, tokenizer))
+    summary = build_pairs_module.main(["--model_name_or_path", str(policy), "--output_dir", str(tmp_path / "pairs"),
+                                       "--suite", "arithmetic", "--backend", "transformers", "--num_samples", "4",
+                                       "--max_prompts", "3", "--pair_reward", "accuracy", "answer_consistency"])
+    assert summary["pairs"] == 3
+    rows = load_rows(SourceSpec(path=str(tmp_path / "pairs/pairs.jsonl")))
+    answers = [r["answer"] for r in build_pairs_module.load_rows(build_pairs_module.get_suite("arithmetic"), "train")]
+    for row, answer in zip(rows, answers):
+        # accuracy 1 + 0.5 x agreement: the reasoned answer (1.5) beats the guess (1.0); the contradicting
+        # wrong answer (0.0) is rejected, not the empty reply, which cannot be trained on.
+        assert row["chosen"][0]["content"] == f"<think>\n{answer}\n</think>\n{answer}"
+        assert row["rejected"][0]["content"] == f"<think>\n{answer}\n</think>\n99"
+        assert (row["score_chosen"], row["score_rejected"]) == (1.5, 0.0)
+    validate_rows(rows, [f"row {i}" for i in range(len(rows))], "dpo", tokenizer, 256, False)
+
+
 # --- merging ---------------------------------------------------------------------------------------
 
 def test_merge_is_the_weighted_average_and_refuses_other_vocabularies_or_architectures(tmp_path, chat_base):

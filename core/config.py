@@ -10,6 +10,7 @@ thing. A bad combination fails when the config is built, naming the field at fau
 
 import dataclasses
 import difflib
+from types import MappingProxyType
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -62,6 +63,12 @@ class SmolForgeConfig(PreTrainedConfig):
 
     model_type = "smolforge"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # No remote code: the Auto classes know the core by registration (core/__init__.py). TRL reads
+    # `config.auto_map` of any architecture transformers does not ship (trl/trainer/utils.py,
+    # create_model_from_path: GRPO's reference model when beta > 0, distillation's teacher), and a config
+    # without remote code has no such attribute. Empty, as transformers tests `name in config.auto_map`; a
+    # read-only class attribute, so config.json never carries it and no instance can fill it for all.
+    auto_map = MappingProxyType({})
     # Parameter names follow Llama's, so transformers' tensor-parallel and pipeline plans, PEFT's
     # default LoRA targets and vLLM's weight mapping apply unchanged.
     base_model_tp_plan = {

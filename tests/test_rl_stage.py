@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, free_port, healthy, launch_stage, ok, wait_for, write_recipe
+from core import SmolForgeForCausalLM
 from rl_policy import build_policy
 
 # Greedy log-probs of vLLM's CPU kernels vs the transformers forward, both fp32: measured up to 1.4e-2
@@ -146,6 +147,17 @@ def test_gspo_with_kl_reference_and_lora_trains_with_transformers_generate(polic
     assert all("kl" in r for r in rows if "loss" in r)
     assert weights_changed(policy_dir, out)
     assert not any("lora" in key for key in load_file(out / "model.safetensors"))
+
+
+def test_trl_loads_the_core_as_a_reference_model(policy_dir):
+    """Without LoRA, beta > 0 makes TRL load a reference model from the policy's path by architecture name,
+    falling back on `config.auto_map` (trl/trainer/utils.py create_model_from_path), which the core's config
+    must answer."""
+    from trl.trainer.utils import create_model_from_path
+
+    reference = create_model_from_path(str(policy_dir), dtype=torch.float32)
+    assert isinstance(reference, SmolForgeForCausalLM)
+    assert "auto_map" not in json.loads((policy_dir / "config.json").read_text())
 
 
 @pytest.mark.vllm

@@ -1,32 +1,38 @@
-"""Issue 16's GRPO check, until the `rl` stage takes reward models by recipe: TRL's GRPOTrainer on the tiny
-SFT model with the learned reward alone; on the 40 held-out prompts (greedy, no-think), the reward-model
-score and the verifiable accuracy reward before and after, so a policy that only hacks the learned reward
-shows as a higher score with no more correct answers.
+"""Issue 16's GRPO check: the `rl` stage with the learned reward alone (`reward_funcs: []`, `reward_models:
+[{path: ..., normalize: true}]` over recipes/tiny/grpo.yaml) on the tiny SFT model; on the 40 held-out
+prompts (greedy), the reward-model score and the verifiable accuracy reward before and after, so a policy
+that only hacks the learned reward shows as a higher score with no more correct answers.
 
     make demo && python -m rl.reward_model --config recipes/tiny/reward_model.yaml
     python bench/grpo_reward_model.py [--policy out/tiny/sft] [--reward_model out/tiny/reward_model] [--steps 30]
-
-Not measured on the trained pipeline yet (issue 16 report: the 2-core machine was shared at load 10, where
-pretraining ran at 8 s/step); checked end to end on a random policy (2 steps).
 """
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
-import trl
-from datasets import Dataset
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import core  # noqa: F401  (registers the core with the Auto classes)
 from core.arithmetic import answer, question, split_of
+from core.recipe import parse_recipe
 from rewards.functions import REWARD_FUNCS
 from rewards.reward_model import reward_model_reward
+from rl.config import GRPOConfig
+from rl.train import run
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--policy", default="out/tiny/sft")
 parser.add_argument("--reward_model", default="out/tiny/reward_model")
 parser.add_argument("--steps", type=int, default=30)
-parser.add_argument("--learning_rate", type=float, default=5e-4)
+parser.add_argument("--learning_rate", type=float, default=None, help="default: recipes/tiny/grpo.yaml's")
+parser.add_argument("--beta", type=float, default=0.1,
+                    help="KL to the starting policy: a learned reward is exploited without it (InstructGPT's KL penalty)")
+parser.add_argument("--accuracy_weight", type=float, default=0.0,
+                    help="0: the learned reward alone; > 0: next to the verifiable accuracy reward, the reward model "
+                         "normalised per batch and weighted 0.5")
 parser.add_argument("--output_dir", default="out/tiny/grpo_reward_model")
 cli = parser.parse_args()
 policy_path, rm_path, steps, lr = cli.policy, cli.reward_model, cli.steps, cli.learning_rate
@@ -41,7 +47,7 @@ def rows(split):
              "chat_template_kwargs": KW} for f in split_of(split)]
 
 
-train, test = rows("train"), rows("test")
+test = rows("test")
 eos = policy.generation_config.eos_token_id
 
 
@@ -62,13 +68,27 @@ def evaluate(model, label):
 
 t0 = time.time()
 evaluate(policy, "before GRPO")
-args = trl.GRPOConfig(output_dir=cli.output_dir, per_device_train_batch_size=32, num_generations=8,
-                      max_completion_length=32, learning_rate=lr, max_steps=steps, logging_steps=5, save_strategy="no",
-                      report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-                      chat_template_kwargs=KW)
-trainer = trl.GRPOTrainer(model=policy, reward_funcs=[rm], args=args, train_dataset=Dataset.from_list(train),
-                          processing_class=tok)
-trainer.train()
-print("training reward by step:", [(h["step"], round(h["reward"], 3)) for h in trainer.state.log_history if "reward" in h])
-evaluate(trainer.model, f"after {steps} GRPO steps")
+recipe = yaml.safe_load(Path("recipes/tiny/grpo.yaml").read_text())
+alone = cli.accuracy_weight == 0
+recipe.update(model_name_or_path=policy_path, output_dir=cli.output_dir, reward_kwargs=None,
+              reward_funcs=[] if alone else ["accuracy"], reward_weights=None if alone else [cli.accuracy_weight],
+              # Alone, GRPO's group advantages set the scale; next to accuracy, normalised so that neither swamps.
+              reward_models=[{"path": rm_path, "weight": 1.0} if alone else {"path": rm_path, "weight": 0.5,
+                                                                           "normalize": True}],
+              beta=cli.beta,
+              learning_rate=lr or recipe["learning_rate"], max_steps=steps, save_strategy="no", held_out_eval=False,
+              report_to="none", chat_template_kwargs=KW)
+recipe = {k: v for k, v in recipe.items() if v is not None}
+recipe_file = Path(cli.output_dir + ".yaml")
+recipe_file.parent.mkdir(parents=True, exist_ok=True)
+recipe_file.write_text(yaml.safe_dump(recipe))
+(cfg,) = parse_recipe(GRPOConfig, args=["--config", str(recipe_file)])
+run(cfg)
+logged = [json.loads(line) for line in (Path(cli.output_dir) / "metrics.jsonl").read_text().splitlines()]
+for name in ("reward_model", "accuracy"):
+    scores = [e[f"rewards/{name}/mean"] for e in logged if f"rewards/{name}/mean" in e]
+    if scores:
+        print(f"training {name} reward (normalised: 0 on average), mean of each 10 steps:",
+              [round(sum(scores[i:i + 10]) / len(scores[i:i + 10]), 3) for i in range(0, len(scores), 10)])
+evaluate(AutoModelForCausalLM.from_pretrained(cli.output_dir, dtype=torch.float32), f"after {steps} GRPO steps")
 print(f"{time.time() - t0:.0f} s")

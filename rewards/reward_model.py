@@ -41,7 +41,8 @@ with the server's own message, and a server that does not answer within `timeout
 naming its URL, never a silent zero.
 
 A GRPO recipe names reward models next to its verifiable rewards, with a weight each
-(`RewardModelSpec`, one mapping per model; the `rl` stage appends them to its reward functions):
+(`RewardModelSpec`, one mapping per model; the `rl` stage appends them to its reward functions, and its
+weights to `reward_weights`; rl/data.py `reward_model_specs` checks them before anything loads):
 
     reward_funcs: [accuracy]
     reward_weights: [1.0]

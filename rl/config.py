@@ -56,6 +56,12 @@ class GRPOConfig(LoraFields, StageFields, trl.GRPOConfig):
         "defaults to max_completion_length.",
         default=None)
 
+    reward_models: list[dict] | None = _help(
+        "Learned reward models scored next to reward_funcs, one mapping each (rewards/reward_model.py "
+        "RewardModelSpec): {path: out/tiny/reward_model, weight: 0.5, normalize: true, batch_size: 16}, or a served "
+        "one {url: 'http://127.0.0.1:8011', weight: 0.5, timeout: 60}. Logged as rewards/reward_model/mean "
+        "(reward_model_<i> with several). With reward_funcs: [] the learned reward is the only one.", default=None)
+
     # --- vLLM ------------------------------------------------------------------------------------
     vllm_kv_cache_memory_bytes: int = _help(
         "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of host "
@@ -101,3 +107,5 @@ class GRPOConfig(LoraFields, StageFields, trl.GRPOConfig):
         super().__post_init__()
         if isinstance(self.reward_kwargs, str):  # from the command line, as TRL does for its dict fields
             self.reward_kwargs = json.loads(self.reward_kwargs)
+        if isinstance(self.reward_models, dict):  # one model, written as a single mapping
+            self.reward_models = [self.reward_models]

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.sources import labelled_rows
 from rewards.functions import REWARD_FUNCS, RewardFunction, compute_rewards
+from rewards.reward_model import RewardModelSpec
 from rewards.suites import get_suite
 from rewards.suites import load_rows as load_suite_rows
 
@@ -54,6 +56,8 @@ class NamedReward:
     name: str
     fn: RewardFunction
     kwargs: dict
+    # A learned reward model scores the prompt with the completion; the rule-based rewards read columns only.
+    takes_prompts: bool = False
 
     @property
     def __name__(self) -> str:  # TRL's get_callable_name reads it
@@ -64,6 +68,8 @@ class NamedReward:
         for key in ("trainer_state", "log_extra", "log_metric"):
             columns.pop(key, None)
         try:
+            if self.takes_prompts:
+                columns["prompts"] = prompts
             return compute_rewards({self.name: _bound(self.fn, self.kwargs)}, completions, **columns)[self.name]
         except Exception as error:
             raise RewardFunctionError(
@@ -124,6 +130,30 @@ def reward_setup(cfg) -> tuple[list[str], list[float], dict[str, dict]]:
 
 def build_rewards(names: list[str], kwargs: dict[str, dict]) -> list[NamedReward]:
     return [NamedReward(name, REWARD_FUNCS[name], kwargs.get(name, {})) for name in names]
+
+
+def reward_model_specs(cfg, names: list[str]) -> list[RewardModelSpec]:
+    """The recipe's `reward_models`, checked before anything is loaded: keys, path or url, a local path that
+    exists; and at least one reward in all."""
+    specs = []
+    for index, raw in enumerate(cfg.reward_models or []):
+        spec = RewardModelSpec.from_dict(raw, index)
+        if (spec.path is None) == (spec.url is None):
+            raise RLDataError(f"reward_models[{index}]: give either path (a checkpoint) or url (a server started with "
+                              f"`python -m rewards.reward_model`), got path={spec.path!r}, url={spec.url!r}")
+        if spec.path is not None and not Path(spec.path).is_dir():
+            raise RLDataError(f"reward_models[{index}]: path {spec.path!r} is not a checkpoint directory; train one "
+                              f"with `python -m rl.reward_model --config recipes/tiny/reward_model.yaml`")
+        specs.append(spec)
+    if not names and not specs:
+        raise RLDataError("no rewards: reward_funcs is empty and there are no reward_models")
+    return specs
+
+
+def build_reward_models(specs: list[RewardModelSpec]) -> list[NamedReward]:
+    """Each reward model as a reward function named `reward_model` (`reward_model_<i>` with several), as TRL logs it."""
+    return [NamedReward("reward_model" if len(specs) == 1 else f"reward_model_{i}", spec.build(), {},
+                        takes_prompts=True) for i, spec in enumerate(specs)]
 
 
 def required_columns(fn: RewardFunction) -> list[str]:

@@ -55,8 +55,8 @@ from rewards.suites import get_suite
 from rewards.suites import load_rows as load_suite_rows
 
 from .config import GRPOConfig
-from .data import (as_conversations, build_rewards, check_reward_columns, drop_long_prompts, load_prompts,
-                   prompt_ids, reward_setup)
+from .data import (as_conversations, build_reward_models, build_rewards, check_reward_columns, drop_long_prompts,
+                   load_prompts, prompt_ids, reward_model_specs, reward_setup)
 from .rollouts import RolloutMonitor
 from .vllm_backend import use_smolforge_vllm
 
@@ -171,9 +171,10 @@ def run(cfg: GRPOConfig) -> dict:
 
     # Prompts and rewards first: a bad recipe fails before a model or an engine is loaded.
     names, weights, reward_kwargs = reward_setup(cfg)
+    reward_models = reward_model_specs(cfg, names)
     rows, origins, where = load_prompts(cfg)
     check_reward_columns(rows, origins, names, where)
-    cfg.reward_weights = weights
+    cfg.reward_weights = weights + [spec.weight for spec in reward_models]
     tokenizer = load_tokenizer(cfg)
     template_kwargs = cfg.chat_template_kwargs or {}
     rows = as_conversations(rows, tokenizer)
@@ -188,7 +189,8 @@ def run(cfg: GRPOConfig) -> dict:
         suite = get_suite(cfg.suite)
         held_out = as_conversations(load_suite_rows(suite, "test", cfg.suite_data_path), tokenizer)
 
-    trainer = GRPOTrainer(model=model, reward_funcs=build_rewards(names, reward_kwargs), args=cfg,
+    reward_funcs = build_rewards(names, reward_kwargs) + build_reward_models(reward_models)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=cfg,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
     accelerator = trainer.accelerator

@@ -1,7 +1,7 @@
 """Reward models (issue 16): the core's sequence-classification head, `python -m rl.reward_model` on the
 built-in preference pairs (held-out accuracy, resume after kill -9, bad data, LoRA on a Llama), and
 rewards/reward_model.py, the reward function GRPO uses (its own template, batches, normalisation, the
-served variant, and TRL's GRPOTrainer calling it)."""
+served variant, and the `rl` stage calling it by recipe)."""
 
 import json
 import socket
@@ -17,8 +17,11 @@ import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM, SmolForgeForSequenceClassification
 from core.arithmetic import answer, question, split_of
 from rewards.reward_model import RewardModelError, make_server, reward_model_reward
+from core.recipe import parse_recipe
+from rl.config import GRPOConfig
 from rl.reward_model import PreferenceDataError
 from rl.reward_model import main as reward_model_main
+from rl.train import run as rl_run
 
 from conftest import launch_stage, logged_losses, ok, write_recipe
 
@@ -226,27 +229,30 @@ def test_served_reward_model_matches_the_local_one_and_names_errors(trained_rm):
         silent.close()
 
 
-def test_grpo_trainer_scores_policy_completions_with_the_reward_model(tmp_path, trained_rm):
-    """TRL's GRPOTrainer with the reward model as its only reward: a policy with another tokenizer (vocabulary
-    and template) than the reward model's; its replies go through TRL's reply parser, control tokens and all."""
-    import trl
-    from datasets import Dataset
+def test_rl_stage_scores_policy_completions_with_the_reward_model_named_in_its_recipe(tmp_path, trained_rm):
+    """The `rl` stage with `reward_models` in its recipe and no verifiable reward: a policy with another
+    tokenizer (vocabulary and template) than the reward model's; its replies go through TRL's reply parser,
+    control tokens and all, and the learned score is TRL's only reward."""
     from pretrain.tokenizer import sample_sources, train_tokenizer
 
     path, _ = trained_rm
     tokenizer = train_tokenizer(sample_sources([{"name": "math", "path": "builtin:math"}], 100), 320)
     chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
     torch.manual_seed(0)
-    policy = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer)))
-    initial = {k: v.clone() for k, v in policy.named_parameters()}
-    rows = [{"prompt": [{"role": "user", "content": question(f)}], "answer": str(answer(f))} for f in split_of("train")]
-    score = reward_model_reward(str(path))
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=8, max_steps=2, learning_rate=1e-3, logging_steps=1,
-                          save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
-    trainer = trl.GRPOTrainer(model=policy, reward_funcs=[score], args=args, train_dataset=Dataset.from_list(rows[:16]),
-                              processing_class=tokenizer)
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if f"rewards/{score.__name__}/mean" in entry]
-    assert len(logged) == 2 and all(entry[f"rewards/{score.__name__}/std"] > 0 for entry in logged)
-    assert any(not torch.equal(initial[k], p) for k, p in trainer.model.named_parameters())
+    policy = tmp_path / "policy"
+    SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    initial = load_file(policy / "model.safetensors")
+    fields = {"model_name_or_path": str(policy), "output_dir": str(tmp_path / "grpo"), "suite": "arithmetic",
+              "reward_funcs": [], "reward_models": [{"path": str(path), "weight": 1.0, "normalize": True}],
+              "use_vllm": False, "per_device_train_batch_size": 4, "num_generations": 4, "max_completion_length": 8,
+              "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+              "held_out_eval": False, "seed": 0}
+    (cfg,) = parse_recipe(GRPOConfig, args=["--config", str(write_recipe(tmp_path, fields))])
+    rl_run(cfg)
+    logged = [json.loads(line) for line in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
+    logged = [entry for entry in logged if "rewards/reward_model/mean" in entry]
+    assert len(logged) == 2 and all(entry["rewards/reward_model/std"] > 0 for entry in logged)
+    assert not any(key.startswith("rewards/accuracy") for entry in logged for key in entry)
+    trained = load_file(tmp_path / "grpo/model.safetensors")
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial)

@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # The tiny end-to-end pipeline on CPU (recipes/tiny/pipeline.yaml, run by core/pipeline.py): tokenizer ->
-# pretraining -> mid-training -> SFT -> on-policy pairs -> APO -> GRPO -> distillation into a student,
+# pretraining -> mid-training -> SFT -> on-policy pairs -> APO -> GRPO -> distillation of GRPO into SFT,
 # every checkpoint on the built-in arithmetic suite, then the report (out/tiny/report.md).
 # A finished stage is skipped; an interrupted one resumes.
 demo: $(STAMP)

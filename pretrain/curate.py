@@ -162,9 +162,8 @@ def normalized_text(doc: Document) -> bytes:
 
 
 def curated_row(self, doc: Document) -> dict:
-    """The row written for pretraining: its text, id, source and near-duplicate cluster size (a writer adapter)."""
-    return {"text": doc.text, "id": doc.id, "source": doc.metadata["source"],
-            "minhash_cluster_size": doc.metadata.get("minhash_cluster_size", 1)}
+    """The row written for pretraining: its text, id and source (a writer adapter)."""
+    return {"text": doc.text, "id": doc.id, "source": doc.metadata["source"]}
 
 
 # --- checks before any work --------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def build_stages(cfg: CurateConfig, specs: list[SourceSpec], prompts: list[str])
                                                                config=minhash)], minhash.num_buckets))
         stages.append(("minhash_cluster", [MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"),
                                                                config=minhash, save_cluster_size=True)], 1))
-        final.append(MinhashDedupFilter(str(work / "mh_remove"), load_cluster_sizes=True,
+        final.append(MinhashDedupFilter(str(work / "mh_remove"), load_cluster_sizes=True,  # for the report
                                         exclusion_writer=removed("minhash_dedup")))
     if cfg.pii:
         final.append(PIIScrubber(ParquetWriter(str(work / "pii"), output_filename="${source}/${rank}.parquet")))
@@ -354,11 +353,13 @@ def write_report(cfg: CurateConfig, specs: list[SourceSpec], kept: dict[str, lis
             examples[step] = [{"id": d["id"], "reason": d.get("metadata", {}).get("filter_reason"),
                                "text": d["text"][:300]} for d in removed[step][:cfg.examples_per_step]]
         pii = read_parquet((work / "pii" / spec.name).glob("*.parquet"))
-        # Cluster size of each kept document: how many near-duplicates it stood for (1 = unique).
-        sizes: dict[int, int] = {}
-        for row in out_docs:
-            if row["minhash_cluster_size"] > 1:
-                sizes[row["minhash_cluster_size"]] = sizes.get(row["minhash_cluster_size"], 0) + 1
+        # Near-duplicate clusters by size, from their removed members (a cluster of size s loses s - 1):
+        # datatrove 0.10.1 did not load the size onto a kept member whose cluster spans two tasks.
+        members: dict[int, int] = {}
+        for doc in removed["minhash_dedup"]:
+            size = doc["metadata"]["minhash_cluster_size"]
+            members[size] = members.get(size, 0) + 1
+        sizes = {size: n // (size - 1) for size, n in members.items()}
         report["sources"][spec.name] = {
             "funnel": funnel, "removed_examples": examples,
             "pii_scrubbed": len(pii),
@@ -388,7 +389,7 @@ def _markdown(report: dict) -> str:
     for name, src in report["sources"].items():
         lines += [f"## {name}", "", f"| step | documents | {unit} | removed |", "|---|---|---|---|"]
         lines += [f"| {f['step']} | {f['documents']} | {f[unit]} | {f.get('removed', '')} |" for f in src["funnel"]]
-        lines += ["", f"PII scrubbed in {src['pii_scrubbed']} documents. Near-duplicate clusters kept "
+        lines += ["", f"PII scrubbed in {src['pii_scrubbed']} documents. Near-duplicate clusters "
                       f"(size: count): {src['minhash_cluster_sizes'] or 'none'}.", ""]
         for step, examples in src["removed_examples"].items():
             for ex in examples:

@@ -73,7 +73,8 @@ class CurateConfig:
     decontamination_ngram: int = _help("Word n-gram size of the overlap test (open-r1: 8).", default=NGRAM_SIZE)
     exact_dedup: bool = _help("Remove exact duplicates (whitespace-normalised) across sources.", default=True)
     minhash_dedup: bool = _help("Remove near-duplicates with MinHash across sources.", default=True)
-    minhash: dict = _help("MinhashConfig fields: n_grams, num_buckets, hashes_per_bucket, seed (FineWeb: 5, 14, 8).",
+    minhash: dict = _help("MinhashConfig fields: n_grams, num_buckets, hashes_per_bucket, seed (FineWeb: 5, 14, 8), "
+                          "and norm_numbers (default true: digits become 0 before shingling).",
                           default_factory=lambda: {"n_grams": 5, "num_buckets": 14, "hashes_per_bucket": 8})
     pii: bool = _help("Replace e-mail addresses and public IP addresses (datatrove PIIFormatter).", default=True)
     tasks: int = _help("Shards per stage (datatrove tasks).", default=2)
@@ -189,12 +190,11 @@ def check_config(cfg: CurateConfig) -> list[SourceSpec]:
         if bad:
             raise ValueError(f"filter_params.{name}: unknown threshold keys {bad}; "
                              f"{QUALITY_FILTERS[name]} takes {sorted(accepted - {'exclusion_writer'})}")
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
-
-    bad = sorted(set(cfg.minhash) - {"n_grams", "num_buckets", "hashes_per_bucket", "seed"})
+    keys = {"n_grams", "num_buckets", "hashes_per_bucket", "seed", "norm_numbers"}
+    bad = sorted(set(cfg.minhash) - keys)
     if bad:
-        raise ValueError(f"minhash: unknown keys {bad}; keys: n_grams, num_buckets, hashes_per_bucket, seed")
-    MinhashConfig(**cfg.minhash)
+        raise ValueError(f"minhash: unknown keys {bad}; keys: {sorted(keys)}")
+    minhash_config(cfg.minhash)
     if cfg.executor not in ("local", "slurm"):
         raise ValueError(f"executor: {cfg.executor!r} is not one of local, slurm")
     if cfg.executor == "slurm":
@@ -223,6 +223,21 @@ def check_config(cfg: CurateConfig) -> list[SourceSpec]:
 
 # --- the pipelines -----------------------------------------------------------------------------------
 
+def minhash_config(fields: dict):
+    """datatrove's MinhashConfig from the recipe's `minhash` mapping. `norm_numbers: false` keeps digits
+    (datatrove replaces every number with 0 before shingling, which makes documents that differ only in
+    their numbers, like generated arithmetic, near-duplicates)."""
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.text import TextNormConfig
+
+    fields = dict(fields)
+    norm = TextNormConfig(norm_numbers=fields.pop("norm_numbers", True))
+    # sha1 shingle hashes, 64-bit (FineWeb's setting): datatrove's xxhash path hands str to xxhash, which
+    # xxhash 4 refuses ("Strings must be encoded before hashing").
+    return MinhashConfig(**fields, norm_config=norm, hash_config=HashConfig(hash_fc="sha1", precision=64))
+
+
 def build_stages(cfg: CurateConfig, specs: list[SourceSpec], prompts: list[str]) -> list[tuple[str, list, int]]:
     """(stage name, datatrove pipeline, tasks) in the order they must run."""
     from datatrove.pipeline import filters as datatrove_filters
@@ -230,8 +245,6 @@ def build_stages(cfg: CurateConfig, specs: list[SourceSpec], prompts: list[str])
                                           MinhashDedupFilter, MinhashDedupSignature)
     from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
                                                       ExactFindDedups)
-    from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.utils.hashing import HashConfig
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import ParquetWriter
 
@@ -263,9 +276,7 @@ def build_stages(cfg: CurateConfig, specs: list[SourceSpec], prompts: list[str])
                                                          exclusion_writer=removed("exact_dedup")),
                                         ParquetWriter(str(work / "exact"))], cfg.tasks))
         current = work / "exact"
-    # sha1 shingle hashes, 64-bit (FineWeb's setting): datatrove's xxhash path hands str to xxhash, which
-    # xxhash 4 refuses ("Strings must be encoded before hashing").
-    minhash = MinhashConfig(**cfg.minhash, hash_config=HashConfig(hash_fc="sha1", precision=64))
+    minhash = minhash_config(cfg.minhash)
     final: list = [ParquetReader(str(current))]
     if cfg.minhash_dedup:
         stages.append(("minhash_signatures", [ParquetReader(str(current)),
@@ -332,7 +343,11 @@ def merge_shards(cfg: CurateConfig, specs: list[SourceSpec]) -> dict[str, list[d
 
 
 def write_report(cfg: CurateConfig, specs: list[SourceSpec], kept: dict[str, list[dict]]) -> dict:
-    """report.json / report.md / funnel.png: per source, documents and tokens entering each step."""
+    """report.json / report.md / funnel.png: per source, documents and tokens left after each step.
+
+    Every document read is either in the output or in exactly one step's removed files, so the counts
+    are taken from those files: `read` is their sum. Tokens are counted on the text as each document
+    left the pipeline (C4's filter drops lines it judges boilerplate from the documents it keeps)."""
     out = Path(cfg.output_dir)
     work = out / "_work"
     count = _token_counter(cfg.tokenizer_name_or_path)

@@ -153,6 +153,7 @@ def test_bad_input_fails_before_any_work(tmp_path, planted):
              ({"filter_params": {"c4_quality": {"min_sentences": 3}}}, "min_sentences"),
              ({"sources": [{"path": str(tmp_path / "missing.jsonl")}]}, "missing.jsonl"),
              ({"minhash": {"buckets": 3}}, "buckets"),
+             ({"executor": "slurm", "slurm": {"partition": "cpu", "time": "1:00:00", "gpus": 1}}, "gpus"),
              ({"output_dir": str(planted[3])}, "already holds curated shards")]
     for change, named in cases:
         cfg = CurateConfig(**{"output_dir": str(tmp_path / "o"), "sources": [good], **change})

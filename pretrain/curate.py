@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,10 +302,14 @@ def run_stages(cfg: CurateConfig, stages: list[tuple[str, list, int]]) -> None:
         if cfg.executor == "local":
             from datatrove.executor import LocalPipelineExecutor
 
+            # fork, not datatrove's default forkserver: a forkserver worker imports this module again, and
+            # with it torch and transformers (core/__init__.py), for every stage: about 9 s per stage on
+            # these CPUs, 5x slower overall with 2 workers than with 1 (bench/curate_throughput.py).
             executor = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(cfg.workers, tasks),
-                                             logging_dir=str(logs / name))
-            print(f"[curate] {name}: {tasks} tasks", flush=True)
+                                             logging_dir=str(logs / name), start_method="fork")
+            start = time.perf_counter()
             executor.run()
+            print(f"[curate] {name}: {tasks} tasks, {time.perf_counter() - start:.1f} s", flush=True)
         else:
             from datatrove.executor import SlurmPipelineExecutor
 
@@ -378,8 +383,7 @@ def write_report(cfg: CurateConfig, specs: list[SourceSpec], kept: dict[str, lis
         report["sources"][spec.name] = {
             "funnel": funnel, "removed_examples": examples,
             "pii_scrubbed": len(pii),
-            "pii_examples": [{"id": d["id"], "before": d["text"][:300], "after": d["metadata"]["scrubbed"][:300]}
-                             for d in pii[:cfg.examples_per_step]],
+            "pii_examples": [_changed_window(d["id"], d["text"], d["metadata"]["scrubbed"]) for d in pii[:cfg.examples_per_step]],
             "minhash_cluster_sizes": {str(k): v for k, v in sorted(sizes.items())},
             "output": str(out / f"{spec.name}.parquet"),
         }
@@ -387,6 +391,13 @@ def write_report(cfg: CurateConfig, specs: list[SourceSpec], kept: dict[str, lis
     (out / "report.md").write_text(_markdown(report))
     _plot_funnel(report, out / "funnel.png")
     return report
+
+
+def _changed_window(doc_id: str, before: str, after: str, width: int = 80) -> dict:
+    """The text around the first replacement, before and after scrubbing."""
+    first = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), 0)
+    start = max(0, first - width)
+    return {"id": doc_id, "before": before[start:first + width], "after": after[start:first + width]}
 
 
 def _token_counter(tokenizer_name_or_path: str | None):
@@ -411,7 +422,7 @@ def _markdown(report: dict) -> str:
                 text = ex["text"].replace("\n", " ")[:160]
                 lines.append(f"- {step} removed `{ex['id']}` ({ex['reason'] or 'duplicate'}): {text}")
         for ex in src["pii_examples"]:
-            lines.append(f"- PII: `{ex['id']}`: {ex['after'][:160]!r}")
+            lines.append(f"- PII: `{ex['id']}`: {ex['before']!r} -> {ex['after']!r}")
         lines.append("")
     return "\n".join(lines)
 

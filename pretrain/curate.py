@@ -242,14 +242,13 @@ def minhash_config(fields: dict):
 def build_stages(cfg: CurateConfig, specs: list[SourceSpec], prompts: list[str]) -> list[tuple[str, list, int]]:
     """(stage name, datatrove pipeline, tasks) in the order they must run."""
     from datatrove.pipeline import filters as datatrove_filters
-    from datatrove.pipeline.dedup import (MinhashBuildIndex, MinhashDedupBuckets, MinhashDedupCluster,
-                                          MinhashDedupFilter, MinhashDedupSignature)
+    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+                                          MinhashDedupSignature)
     from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
                                                       ExactFindDedups)
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.writers import ParquetWriter
 
-    del MinhashBuildIndex  # not used: no existing index to deduplicate against
     work = Path(cfg.output_dir).resolve() / "_work"
 
     def removed(step: str):

@@ -9,6 +9,15 @@ after the known ones are passed to every run (a shorter max_steps, say). Variant
 another as separate `python -m pretrain` processes; a finished variant is reused on a re-run.
 Writes ablation.md (a table: final validation loss per source, their mean, tokens/s, each against
 the baseline), ablation.json and ablation.png (validation loss per source over steps, throughput).
+
+Curation filters as knobs: with `--curate recipes/tiny/curate.yaml`, a key written `curate.<field>`
+varies the curation recipe instead (e.g. `--vary curate.minhash_dedup=false` or
+`--vary curate.filter_params.gopher_quality.min_doc_words=10,100`). Every variant, the baseline
+too, first curates into its own `<variant>/curated/` (python -m pretrain.curate), and the pretraining
+recipe's sources whose path lies under the curation recipe's output_dir read that variant's files:
+
+    python -m pretrain.ablate --config recipes/tiny/pretrain_curated.yaml --curate recipes/tiny/curate.yaml \
+        --vary curate.minhash_dedup=false --max_steps 60
 """
 
 import argparse
@@ -51,6 +60,22 @@ def variants(recipe: dict, varies: list[tuple[str, list]]) -> dict[str, dict]:
             name = f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
             runs[name] = with_value(recipe, key, value)
     return runs
+
+
+def curate_variant(variant: dict, vdir: Path) -> dict:
+    """Curate with the variant's curation recipe into vdir/curated/ (once) and return the pretraining
+    recipe with its curated sources pointing there."""
+    curation = variant.pop("curate")
+    base_out = Path(curation["output_dir"])
+    curation["output_dir"] = str(vdir / "curated")
+    if not (vdir / "curated" / "report.json").exists():
+        (vdir / "curate.yaml").write_text(yaml.safe_dump(curation))
+        subprocess.run([sys.executable, "-m", "pretrain.curate", "--config", str(vdir / "curate.yaml")], check=True)
+    for source in variant.get("sources", []):
+        path = Path(source["path"])
+        if path.is_relative_to(base_out):
+            source["path"] = str(vdir / "curated" / path.relative_to(base_out))
+    return variant
 
 
 def collect(run_dir: Path) -> dict:
@@ -107,14 +132,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", required=True, help="the recipe to vary")
     parser.add_argument("--vary", action="append", required=True, help="key=value1,value2 (repeatable)")
     parser.add_argument("--output_dir", default=None, help="default: out/ablations/<recipe name>")
+    parser.add_argument("--curate", default=None, help="a pretrain.curate recipe run before every variant; "
+                                                        "--vary curate.<field> varies it")
     args, passthrough = parser.parse_known_args(argv)
     recipe = load_recipe_file(args.config)
+    if args.curate is not None:  # one dict holds both recipes, so `variants` changes either the same way
+        recipe = {**recipe, "curate": load_recipe_file(args.curate)}
+    elif any(v.startswith("curate.") for v in args.vary):
+        raise SystemExit("--vary curate.<field> needs --curate <curation recipe>")
     out = Path(args.output_dir or f"out/ablations/{Path(args.config).stem}")
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name, variant in variants(recipe, [parse_vary(v) for v in args.vary]).items():
         vdir = out / name.replace("/", "_")
         vdir.mkdir(exist_ok=True)
+        if args.curate is not None:
+            variant = curate_variant(variant, vdir)
         (vdir / "recipe.yaml").write_text(yaml.safe_dump(variant))
         if not (vdir / "run" / "stage.json").exists():
             print(f"== {name}", flush=True)

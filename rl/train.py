@@ -45,6 +45,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
+from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
 from core.metrics import MetricsCallback
@@ -173,6 +174,8 @@ def run(cfg: GRPOConfig) -> dict:
     names, weights, reward_kwargs = reward_setup(cfg)
     reward_models = reward_model_specs(cfg, names)
     rows, origins, where = load_prompts(cfg)
+    rows, origins, n_contaminated = decontaminate_rows(
+        rows, NGramIndex(evaluation_prompts(cfg.decontaminate_against)), f"rl ({where})", origins)
     check_reward_columns(rows, origins, names, where)
     cfg.reward_weights = weights + [spec.weight for spec in reward_models]
     tokenizer = load_tokenizer(cfg)
@@ -209,7 +212,8 @@ def run(cfg: GRPOConfig) -> dict:
     if resume_from is not None:
         accelerator.print(f"resuming from {resume_from}")
 
-    metrics = {"data/prompts": len(rows), "data/prompts_dropped_too_long": dropped}
+    metrics = {"data/prompts": len(rows), "data/prompts_dropped_too_long": dropped,
+               "data/prompts_dropped_contaminated": n_contaminated}
     if held_out is not None and accelerator.is_main_process and resume_from is None:
         metrics["held_out/pass@1_before"] = held_out_pass_at_1(trainer.model, tokenizer, held_out, cfg, stop_ids)
     start = time.perf_counter()

@@ -36,6 +36,7 @@ from datasets import Dataset
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
+from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -128,6 +129,8 @@ def run(cfg: SFTConfig) -> dict:
     model = load_stage_model(cfg, tokenizer)
 
     rows, origins = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
+    rows, origins, n_contaminated = decontaminate_rows(
+        rows, NGramIndex(evaluation_prompts(cfg.decontaminate_against)), "sft", origins)
     lengths = validate_rows(rows, origins, tokenizer, cfg.max_length, cfg.truncation, cfg.assistant_only_loss)
     n_think = sum(bool((r.get("chat_template_kwargs") or {}).get("enable_thinking")) for r in rows)
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
@@ -156,6 +159,7 @@ def run(cfg: SFTConfig) -> dict:
 
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["data/rows_dropped_contaminated"] = n_contaminated
 
     final, state_dict = final_model(cfg, trainer, tokenizer)
     if accelerator.is_main_process:

@@ -120,7 +120,6 @@ def generation_rows(spec: dict) -> tuple[list[dict], int]:
 def run(cfg: SFTConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the checkpoint to fine-tune (e.g. out/tiny/pretrain)")
-    out = Path(cfg.output_dir)
     # Only complete checkpoints: the Trainer writes trainer_state.json last, and get_last_checkpoint
     # would take a half-written highest-numbered one (issue 11).
     resume_from = trainer_resume_point(cfg)

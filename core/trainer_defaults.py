@@ -1,6 +1,7 @@
 """What every TRL stage config (sft, preference, rl, rl.reward_model, distill) sets the same way.
 
-Each stage's config subclasses `StageFields` (and `LoraFields` where it trains adapters) before its TRL
+Each stage's config subclasses `StageFields` (and `LoraFields` where it trains adapters,
+`DecontaminationFields` where its rows carry prompts) before its TRL
 config, calls `device_defaults(self)` at the start of its `__post_init__`, and builds its LoRA adapter
 with `lora_config(cfg, task_type)`:
 
@@ -47,6 +48,18 @@ class LoraFields:
     lora_dropout: float = help_field("LoRA dropout.", default=0.0)
     lora_target_modules: list[str] = help_field("Modules that get adapters ('all-linear' or names).",
                                                 default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class DecontaminationFields:
+    """The training rows' check against evaluation prompts (stages whose rows carry prompts: sft, rl)."""
+
+    decontaminate_against: list[dict] = help_field(
+        "Evaluation sets whose prompts no training row may contain ([{suite, split, data_path}] of "
+        "rewards/suites.py): a row whose prompt shares a word 8-gram with one (open-r1's test, "
+        "core/decontaminate.py) is dropped and counted before training. Held-out splits only: the tiny "
+        "recipes train on the arithmetic train split. [] turns it off.",
+        default_factory=lambda: [{"suite": "arithmetic", "split": "test"}])
 
 
 def device_defaults(args) -> None:

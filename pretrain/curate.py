@@ -48,11 +48,12 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from core.decontaminate import NGRAM_SIZE, NGramIndex, evaluation_prompts
 from core.recipe import help_field as _help
-from core.sources import QUALITY_FILTERS, DataSourceError, SourceSpec, iter_rows
+from core.sources import QUALITY_FILTERS, ROW_SOURCE_KEYS, DataSourceError, SourceSpec, iter_rows
 
-# The keys a curation source reads: no mixture weight (that is pretraining's), and the filters are
-# this stage's own (a source's `filters` replaces the recipe's list, [] for none).
-SOURCE_KEYS = ("path", "name", "subset", "split", "max_rows", "seed", "text_field", "filters")
+# The keys a curation source reads: a row source's, the text field, and the filters, which are this
+# stage's own (a source's `filters` replaces the recipe's list, [] for none); no mixture weight (that is
+# pretraining's).
+CURATION_KEYS = (*ROW_SOURCE_KEYS, "text_field", "filters")
 STEPS_REMOVING = ("decontamination", "exact_dedup", "minhash_dedup")
 
 
@@ -174,7 +175,7 @@ def check_config(cfg: CurateConfig) -> list[SourceSpec]:
     """Every mistake that would otherwise surface inside a worker: raise naming the key or file."""
     if not cfg.sources:
         raise ValueError("sources is empty: give at least one source, e.g. {path: 'builtin:prose', max_rows: 1000}")
-    specs = [SourceSpec.from_dict(raw, i, keys=SOURCE_KEYS) for i, raw in enumerate(cfg.sources)]
+    specs = [SourceSpec.from_dict(raw, i, keys=CURATION_KEYS) for i, raw in enumerate(cfg.sources)]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"sources: names must be unique (they name the output files), got {names}")

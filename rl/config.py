@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import trl
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import LoraFields, StageFields, device_defaults
+from core.trainer_defaults import DecontaminationFields, LoraFields, StageFields, device_defaults
 
 
 @dataclass
-class GRPOConfig(LoraFields, StageFields, trl.GRPOConfig):
+class GRPOConfig(DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig):
     # --- model -----------------------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The policy to train: an SFT stage's output (tokenizer with chat template included), any local HF "
@@ -40,12 +40,6 @@ class GRPOConfig(LoraFields, StageFields, trl.GRPOConfig):
         "Prompts from data sources (core/sources.py keys path, name, subset, split, max_rows, seed): rows with a "
         "`prompt` column (a string, or a list of chat messages) plus the columns the rewards read (e.g. `answer`).",
         default=None)
-    decontaminate_against: list[dict] = _help(
-        "Evaluation sets whose prompts no training row may contain ([{suite, split, data_path}] of "
-        "rewards/suites.py): a row whose prompt shares a word 8-gram with one (open-r1's test, "
-        "core/decontaminate.py) is dropped and counted before training. Held-out splits only: the tiny "
-        "recipes train on the arithmetic train split. [] turns it off.",
-        default_factory=lambda: [{"suite": "arithmetic", "split": "test"}])
     max_prompt_length: int | None = _help(
         "Prompts longer than this many tokens (as rendered by the chat template) are dropped before training and "
         "counted (printed, and `data/prompts_dropped_too_long` in stage.json). Null keeps every prompt.",

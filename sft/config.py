@@ -14,11 +14,11 @@ from typing import Any
 import trl
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import LoraFields, StageFields, device_defaults
+from core.trainer_defaults import DecontaminationFields, LoraFields, StageFields, device_defaults
 
 
 @dataclass
-class SFTConfig(LoraFields, StageFields, trl.SFTConfig):
+class SFTConfig(DecontaminationFields, LoraFields, StageFields, trl.SFTConfig):
     # --- model and tokenizer ---------------------------------------------------------------------
     model_name_or_path: str | None = _help(
         "The checkpoint to fine-tune: a previous stage's output, any local HF checkpoint, or a hub id.", default=None)
@@ -37,12 +37,6 @@ class SFTConfig(LoraFields, StageFields, trl.SFTConfig):
     think_ratio: float | None = _help(
         "Fraction of training conversations in think mode (rows with reasoning); the larger pool is subsampled. "
         "Null keeps the data as it is.", default=None)
-    decontaminate_against: list[dict] = _help(
-        "Evaluation sets whose prompts no training row may contain ([{suite, split, data_path}] of "
-        "rewards/suites.py): a row whose prompt shares a word 8-gram with one (open-r1's test, "
-        "core/decontaminate.py) is dropped and counted before training. Held-out splits only: the tiny "
-        "recipes train on the arithmetic train split. [] turns it off.",
-        default_factory=lambda: [{"suite": "arithmetic", "split": "test"}])
     truncation: bool = _help(
         "Truncate rows longer than max_length (TRL's behaviour). Off: such a row is an error naming it.", default=False)
 

@@ -64,7 +64,7 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
     from preference.config import PreferenceConfig
     from preference.merge import MergeConfig
     from pretrain.config import PretrainConfig
-    from pretrain.curate import SOURCE_KEYS as CURATE_SOURCE_KEYS, CurateConfig
+    from pretrain.curate import CURATION_KEYS, CurateConfig
     from pretrain.tokenizer import TokenizerConfig
     from rewards.config import EvaluateConfig
     from rl.config import GRPOConfig
@@ -77,7 +77,7 @@ def stage_configs() -> dict[str, tuple[type, tuple | None]]:
             "core.export": (ExportConfig, None), "rl.reward_model": (RewardModelConfig, SOURCE_KEYS),
             "distill": (DistillConfig, SOURCE_KEYS), "preference": (PreferenceConfig, SOURCE_KEYS),
             "preference.build_pairs": (BuildPairsConfig, None), "preference.merge": (MergeConfig, None),
-            "rl": (GRPOConfig, SOURCE_KEYS), "pretrain.curate": (CurateConfig, CURATE_SOURCE_KEYS)}
+            "rl": (GRPOConfig, SOURCE_KEYS), "pretrain.curate": (CurateConfig, CURATION_KEYS)}
 
 
 def write_recipe(tmp_path: Path, cfg: dict) -> Path:

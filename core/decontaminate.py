@@ -96,7 +96,7 @@ def row_prompt(row: dict) -> str:
     """What a training row asks: `prompt`, or the user turns of `messages`."""
     if row.get("prompt") is not None:
         return prompt_text(row["prompt"])
-    return "\n".join(str(m.get("content", "")) for m in row.get("messages") or [] if m.get("role") == "user")
+    return prompt_text([m for m in row.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"])
 
 
 def decontaminate_rows(rows: list[dict], index: NGramIndex, where: str,

@@ -241,7 +241,14 @@ class RewardModelSpec:
         unknown = sorted(set(raw) - set(keys))
         if unknown:
             raise RewardModelError(f"{where}: unknown keys {unknown}; keys: {keys}")
-        return cls(**raw)
+        spec = cls(**raw)
+        if (spec.path is None) == (spec.url is None):
+            raise RewardModelError(f"{where}: give either path (a checkpoint) or url (a server started with "
+                                   f"`python -m rewards.reward_model`), got path={spec.path!r}, url={spec.url!r}")
+        if spec.path is not None and not Path(spec.path).is_dir():
+            raise RewardModelError(f"{where}: path {spec.path!r} is not a checkpoint directory; train one with "
+                                   f"`python -m rl.reward_model --config recipes/tiny/reward_model.yaml`")
+        return spec
 
     def build(self):
         return reward_model_reward(self.path, url=self.url, normalize=self.normalize, batch_size=self.batch_size,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 from core.sources import labelled_rows
 from rewards.functions import REWARD_FUNCS, RewardFunction, compute_rewards
@@ -133,18 +132,9 @@ def build_rewards(names: list[str], kwargs: dict[str, dict]) -> list[NamedReward
 
 
 def reward_model_specs(cfg, names: list[str]) -> list[RewardModelSpec]:
-    """The recipe's `reward_models`, checked before anything is loaded: keys, path or url, a local path that
-    exists; and at least one reward in all."""
-    specs = []
-    for index, raw in enumerate(cfg.reward_models or []):
-        spec = RewardModelSpec.from_dict(raw, index)
-        if (spec.path is None) == (spec.url is None):
-            raise RLDataError(f"reward_models[{index}]: give either path (a checkpoint) or url (a server started with "
-                              f"`python -m rewards.reward_model`), got path={spec.path!r}, url={spec.url!r}")
-        if spec.path is not None and not Path(spec.path).is_dir():
-            raise RLDataError(f"reward_models[{index}]: path {spec.path!r} is not a checkpoint directory; train one "
-                              f"with `python -m rl.reward_model --config recipes/tiny/reward_model.yaml`")
-        specs.append(spec)
+    """The recipe's `reward_models`, checked before anything is loaded (`RewardModelSpec.from_dict`: keys, path
+    or url, a local path that exists); and at least one reward in all."""
+    specs = [RewardModelSpec.from_dict(raw, index) for index, raw in enumerate(cfg.reward_models or [])]
     if not names and not specs:
         raise RLDataError("no rewards: reward_funcs is empty and there are no reward_models")
     return specs

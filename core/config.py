@@ -59,6 +59,17 @@ class SmolForgeConfig(PreTrainedConfig):
         architecture: True where Liger cannot run warns and falls back to plain torch, so a checkpoint
         saved with it loads anywhere.
     attention_dropout: dropout on attention probabilities (0 in every modern recipe).
+
+    kv_lora_rank, q_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim: multi-head latent attention
+        (MLA, DeepSeek-V2/V3; `core.mla`). kv_lora_rank > 0 replaces GQA in every layer: keys and values are
+        expanded per head from one RMS-normalised latent of kv_lora_rank dims per token, and only that latent
+        plus one shared rotated key of qk_rope_head_dim dims is cached (kv_lora_rank + qk_rope_head_dim numbers
+        per token per layer). Each query/key head is qk_nope_head_dim position-free dims followed by
+        qk_rope_head_dim RoPE dims; values are v_head_dim wide. q_lora_rank > 0 routes the queries through a
+        normalised bottleneck of that width (None or 0: a direct projection). With MLA, head_dim is the RoPE
+        width (it sizes the frequency table, as in transformers' DeepseekV3Config) and defaults to
+        qk_rope_head_dim; num_key_value_heads must equal num_attention_heads (every head has its own key and
+        value). 0 (the default) is plain GQA, and the four other fields must then be left unset.
     """
 
     model_type = "smolforge"
@@ -109,8 +120,16 @@ class SmolForgeConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # --- MLA (issue 19) ---
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.kv_lora_rank and self.qk_rope_head_dim:
+            self.head_dim = self.qk_rope_head_dim  # MLA: the RoPE tables are built for the rope dims
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
@@ -156,6 +175,40 @@ class SmolForgeConfig(PreTrainedConfig):
                 f"rope_parameters.partial_rotary_factor={self.rope_parameters.get('partial_rotary_factor')} "
                 f"gives {rotary_dim} rotary dims of head_dim={self.head_dim}; it must be a positive even number"
             )
+
+    def validate_mla(self):
+        mla_dims = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.kv_lora_rank < 0:
+            raise ValueError(f"kv_lora_rank must be >= 0 (0 = plain GQA attention), got {self.kv_lora_rank}")
+        if not self.kv_lora_rank:
+            for name in (*mla_dims, "q_lora_rank"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}={getattr(self, name)} only applies to multi-latent attention; "
+                                     "set kv_lora_rank > 0 to use MLA, or leave it unset")
+            return
+        for name in mla_dims:
+            if getattr(self, name) is None or getattr(self, name) <= 0:
+                raise ValueError(f"kv_lora_rank={self.kv_lora_rank} (MLA) needs {name} > 0, got {getattr(self, name)}")
+        if self.q_lora_rank is not None and self.q_lora_rank < 0:
+            raise ValueError(f"q_lora_rank must be >= 0 (None or 0 = no query compression), got {self.q_lora_rank}")
+        if self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"with MLA, head_dim is the RoPE width and must equal qk_rope_head_dim={self.qk_rope_head_dim}, got "
+                f"head_dim={self.head_dim}; leave head_dim unset (the head widths are qk_nope_head_dim + "
+                "qk_rope_head_dim for queries and keys, v_head_dim for values)"
+            )
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"with MLA, every query head has its own key and value expanded from the latent, so "
+                f"num_key_value_heads must equal num_attention_heads={self.num_attention_heads}, got "
+                f"{self.num_key_value_heads}; the cache size is set by kv_lora_rank instead"
+            )
+        if self.qk_norm:
+            # Qwen3's per-head key norm would act on keys expanded from the latent, and RoPE comes after it:
+            # the cache would have to hold un-rotated expanded keys, which is what MLA exists to avoid. The
+            # latent is normalised already (kv_a_layernorm), as DeepSeek-V2 does instead.
+            raise ValueError("qk_norm does not combine with MLA (kv_lora_rank > 0): MLA normalises the KV latent "
+                             "instead (kv_a_layernorm); set qk_norm to false")
 
     # --- derived quantities used by the HF model and the vLLM model alike ----------------------
 
@@ -208,3 +261,11 @@ PRESETS: dict[str, dict] = {
                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536,
                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, **_SMOLLM3_CHOICES),
 }
+
+# `tiny` with MLA in place of its GQA (2 query heads, 1 KV head of 64), sized for a one-knob ablation: the
+# query/key heads stay 64 wide (32 position-free + 32 RoPE dims), values stay 64, and kv_lora_rank 40 makes
+# the attention 49,704 parameters per layer against GQA's 49,152 (+0.24% of the whole 0.92M model), while the
+# cache holds 40 + 32 = 72 numbers per token per layer against GQA's 2 x 64 = 128.
+PRESETS["tiny-mla"] = {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("head_dim", "num_key_value_heads")},
+                       "num_key_value_heads": 2, "kv_lora_rank": 40, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
+                       "v_head_dim": 64}

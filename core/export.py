@@ -1,9 +1,10 @@
-"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 architectures.
+"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 / DeepseekV3 architectures.
 
-The core names its parameters as Llama does, so a conversion is a config translation plus a
-strict `load_state_dict`: nothing is re-laid out. Export works whenever the core's knobs fit the
-target (it says which knob prevents it otherwise); import lets a pretrained Llama, Qwen3 or
-SmolLM3 checkpoint continue training as a core model.
+The core names its parameters as Llama does (and its MLA layers as DeepseekV3 does), so a conversion is
+a config translation plus a strict `load_state_dict`; the one re-layout is MLA's rope rows, which
+DeepseekV3 stores in interleaved pairs (`core.mla.interleave_rope_rows`). Export works whenever the
+core's knobs fit the target (it says which knob prevents it otherwise); import lets a pretrained Llama,
+Qwen3, SmolLM3 or dense DeepseekV3 checkpoint continue training as a core model.
 
     python -m core.export --model_name_or_path out/pretrain --output_dir out/pretrain-llama
 """
@@ -13,14 +14,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel,
-                          Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+from transformers import (AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedConfig, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
+                          SmolLM3ForCausalLM)
 
 from .config import SmolForgeConfig
+from .mla import interleave_rope_rows
 from .modeling import SmolForgeForCausalLM
 
 NATIVE = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-          "smollm3": (SmolLM3Config, SmolLM3ForCausalLM)}
+          "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM)}
 
 
 class ExportError(ValueError):
@@ -39,11 +42,26 @@ def native_target(config: SmolForgeConfig) -> str:
             "Llama, Qwen3 and SmolLM3 rotate every head dim"
         )
     has_nope = config.position_embedding == "none" or config.no_rope_layer_interval > 0
+    if config.kv_lora_rank:
+        return _deepseek_v3_target(config, has_nope)
     if config.qk_norm and has_nope:
         raise ExportError("qk_norm together with NoPE layers: Qwen3 has QK-norm but no NoPE layers, SmolLM3 the reverse")
     if config.qk_norm:
         return "qwen3"
     return "smollm3" if has_nope else "llama"
+
+
+def _deepseek_v3_target(config: SmolForgeConfig, has_nope: bool) -> str:
+    """MLA exports to DeepseekV3 with every layer dense (first_k_dense_replace = num_hidden_layers)."""
+    if has_nope:
+        knob = ("position_embedding='none'" if config.position_embedding == "none"
+                else f"no_rope_layer_interval={config.no_rope_layer_interval}")
+        raise ExportError(f"{knob} with MLA (kv_lora_rank={config.kv_lora_rank}): DeepseekV3 rotates the rope "
+                          "dims of every layer")
+    if "mscale_all_dim" in config.rope_parameters:
+        raise ExportError("rope_parameters.mscale_all_dim with MLA: DeepseekV3 multiplies its softmax scale by "
+                          "YaRN's mscale(mscale_all_dim)^2, which the core does not")
+    return "deepseek_v3"
 
 
 def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
@@ -58,7 +76,16 @@ def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         rope_parameters=dict(config.rope_parameters),
     )
-    if target == "smollm3":
+    if target == "deepseek_v3":
+        # Dense everywhere; the rope rows are interleaved at export (`to_native`), and rope_interleave=True is
+        # the layout vLLM's DeepSeek model always runs. Its latent norms use eps 1e-6, as
+        # the core's do (core.mla.LATENT_NORM_EPS).
+        common.update(num_key_value_heads=config.num_attention_heads, first_k_dense_replace=config.num_hidden_layers,
+                      kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank or None,
+                      qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
+                      v_head_dim=config.v_head_dim, rope_interleave=True, num_mtp_layers=0)
+        del common["head_dim"]  # DeepseekV3Config derives it from qk_rope_head_dim
+    elif target == "smollm3":
         common["no_rope_layers"] = [int(config.layer_uses_rope(i)) for i in range(config.num_hidden_layers)]
         # The RoPE parameters still matter for the RoPE layers; with NoPE everywhere they are unused.
     elif target == "llama":
@@ -71,6 +98,8 @@ def core_config_from_native(native: PreTrainedConfig) -> SmolForgeConfig:
     kind = native.model_type
     if kind not in NATIVE:
         raise ExportError(f"model_type={kind!r}: only {sorted(NATIVE)} convert to the core")
+    if kind == "deepseek_v3":
+        return _core_config_from_deepseek_v3(native)
     if getattr(native, "attention_bias", False) or getattr(native, "mlp_bias", False):
         raise ExportError(f"{kind} checkpoint uses attention_bias/mlp_bias, which the core does not have")
     if getattr(native, "use_sliding_window", False):
@@ -100,11 +129,58 @@ def core_config_from_native(native: PreTrainedConfig) -> SmolForgeConfig:
     )
 
 
+def _core_config_from_deepseek_v3(native: DeepseekV3Config) -> SmolForgeConfig:
+    if native.first_k_dense_replace < native.num_hidden_layers:
+        raise ExportError(f"deepseek_v3 checkpoint with first_k_dense_replace={native.first_k_dense_replace} < "
+                          f"num_hidden_layers={native.num_hidden_layers} has MoE layers; only dense DeepseekV3 "
+                          "converts to the MLA core")
+    if native.attention_bias:
+        raise ExportError("deepseek_v3 checkpoint uses attention_bias, which the core does not have")
+    if native.hidden_act != "silu":
+        raise ExportError(f"hidden_act={native.hidden_act!r}: the core's MLP is SwiGLU (silu)")
+    if "mscale_all_dim" in native.rope_parameters:
+        raise ExportError("deepseek_v3 checkpoint with rope_parameters.mscale_all_dim: the core does not scale "
+                          "its softmax by YaRN's mscale")
+    return SmolForgeConfig(
+        vocab_size=native.vocab_size, hidden_size=native.hidden_size, intermediate_size=native.intermediate_size,
+        num_hidden_layers=native.num_hidden_layers, num_attention_heads=native.num_attention_heads,
+        num_key_value_heads=native.num_attention_heads, max_position_embeddings=native.max_position_embeddings,
+        rms_norm_eps=native.rms_norm_eps, tie_word_embeddings=native.tie_word_embeddings,
+        initializer_range=native.initializer_range, attention_dropout=float(native.attention_dropout),
+        rope_parameters=dict(native.rope_parameters), kv_lora_rank=native.kv_lora_rank,
+        q_lora_rank=native.q_lora_rank, qk_nope_head_dim=native.qk_nope_head_dim,
+        qk_rope_head_dim=native.qk_rope_head_dim, v_head_dim=native.v_head_dim,
+        bos_token_id=native.bos_token_id, eos_token_id=native.eos_token_id, pad_token_id=native.pad_token_id,
+    )
+
+
+def mla_rope_layout(state_dict: dict[str, torch.Tensor], config: PreTrainedConfig,
+                    to_interleaved: bool) -> dict[str, torch.Tensor]:
+    """The MLA weights with their rope rows moved between our halves layout and DeepSeek's interleaved pairs
+    (both projections that produce rope dims: the query's, per head, and the shared key's, once)."""
+    out = dict(state_dict)
+    qk_head = config.qk_nope_head_dim + config.qk_rope_head_dim
+    for name, tensor in state_dict.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            width = qk_head
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            width = config.kv_lora_rank + config.qk_rope_head_dim
+        else:
+            continue
+        out[name] = interleave_rope_rows(tensor, width, config.qk_rope_head_dim, inverse=not to_interleaved)
+    return out
+
+
 def _convert(model: PreTrainedModel, config: PreTrainedConfig, cls: type[PreTrainedModel]) -> PreTrainedModel:
     config._attn_implementation = model.config._attn_implementation
     out = cls(config).to(dtype=model.dtype)
+    state_dict = model.state_dict()
+    if config.model_type == "deepseek_v3":
+        state_dict = mla_rope_layout(state_dict, config, to_interleaved=True)
+    elif model.config.model_type == "deepseek_v3" and model.config.rope_interleave:
+        state_dict = mla_rope_layout(state_dict, config, to_interleaved=False)
     # strict=True: every parameter must have its counterpart, so a silent mismatch cannot slip through.
-    out.load_state_dict(model.state_dict(), strict=True)
+    out.load_state_dict(state_dict, strict=True)
     out.generation_config = model.generation_config
     return out.eval() if not model.training else out
 

@@ -31,6 +31,7 @@ from transformers.utils.generic import is_flash_attention_requested, maybe_autoc
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
+from .mla import SmolForgeMLAttention
 
 
 def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
@@ -171,7 +172,8 @@ class SmolForgeMLP(nn.Module):
 class SmolForgeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
         super().__init__()
-        self.self_attn = SmolForgeAttention(config, layer_idx, use_liger)
+        attention = SmolForgeMLAttention if config.kv_lora_rank else SmolForgeAttention
+        self.self_attn = attention(config, layer_idx, use_liger)
         self.mlp = SmolForgeMLP(config, use_liger)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)

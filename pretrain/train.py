@@ -42,6 +42,7 @@ from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
 from core.faults import fault, kill_if
 from core.kernels import RMSNorm
+from core.mla import mla_flop_terms
 from core.metrics import MetricsWriter
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import DataSourceError, SourceSpec, data_identity
@@ -123,12 +124,17 @@ def build_scheduler(cfg: PretrainConfig, optimizer):
 
 def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N (N = parameters in matmuls, output head included even when tied)
-    plus attention's 12 L H T (PaLM, Chowdhery et al. 2022, appendix B)."""
+    plus attention's 12 L H T (PaLM, Chowdhery et al. 2022, appendix B), i.e. 6 L T times the per-token
+    width of QK^T and PV summed over heads."""
     d, L = config.hidden_size, config.num_hidden_layers
-    attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    if getattr(config, "kv_lora_rank", 0):  # a continued Llama/Qwen3 checkpoint's config has no such field
+        attn, attn_width = mla_flop_terms(config)
+    else:
+        attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+        attn_width = 2 * config.num_attention_heads * config.head_dim
     mlp = 3 * d * config.intermediate_size
     n = L * (attn + mlp) + d * config.vocab_size
-    return 6 * n + 12 * L * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * n + 6 * L * attn_width * seq_len
 
 
 def peak_flops(cfg: PretrainConfig) -> tuple[float, str]:

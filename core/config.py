@@ -87,6 +87,10 @@ class SmolForgeConfig(PreTrainedConfig):
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.o_proj": "rowwise",
+        # MLA (core/mla.py): whole heads of queries and of the keys/values expanded from the latent per rank;
+        # the latent projections (q_a_proj, kv_a_proj_with_mqa) stay replicated, as in DeepSeek's serving.
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_b_proj": "colwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",

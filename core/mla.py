@@ -87,7 +87,8 @@ class SmolForgeMLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
         else:
             q = self.q_proj(hidden_states)
-        q = q.view(batch_size, seq_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # (B, nh, T, dn+dr)
+        # -1 heads, not num_heads: under tensor parallelism (base_model_tp_plan) a rank holds only its heads.
+        q = q.view(batch_size, seq_len, -1, self.qk_head_dim).transpose(1, 2)  # (B, nh, T, dn+dr)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, nh, T, dn), (B, nh, T, dr)
 
         latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -100,9 +101,9 @@ class SmolForgeMLAttention(nn.Module):
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
 
         kv = self.kv_b_proj(latent)  # (B, 1, S, nh*(dn+dv))
-        kv = kv.view(batch_size, -1, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, nh, S, dn+dv)
+        kv = kv.view(*kv.shape[:-1], -1, self.nope_dim + self.v_dim)[:, 0].transpose(1, 2)  # (B, nh, S, dn+dv)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, nh, S, dn), (B, nh, S, dv)
-        k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)  # (B, nh, S, dn+dr)
+        k = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # (B, nh, S, dn+dr)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, dn+dr)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

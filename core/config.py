@@ -21,6 +21,8 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 # vLLM from the same table. "dynamic" is left out on purpose: it changes frequencies with the
 # sequence length at run time, which a fixed vLLM cos/sin cache cannot reproduce.
 ROPE_TYPES = ("default", "linear", "yarn")
+# Token mixers of the hybrid core, named as transformers' Qwen3-Next names them (its cache reads them too).
+LAYER_TYPES = ("full_attention", "linear_attention")
 
 
 @strict
@@ -59,6 +61,15 @@ class SmolForgeConfig(PreTrainedConfig):
         architecture: True where Liger cannot run warns and falls back to plain torch, so a checkpoint
         saved with it loads anywhere.
     attention_dropout: dropout on attention probabilities (0 in every modern recipe).
+
+    Hybrid (issue 19): layer_types: None (every layer attention) or one entry per layer,
+        "full_attention" or "linear_attention", as transformers' Qwen3-Next spells it; a
+        "linear_attention" layer is a gated delta-net (`core.ssm`, Yang et al. 2024) whose fixed-size
+        state replaces the KV cache. Qwen3-Next interleaves three linear layers per attention layer.
+        linear_num_key_heads / linear_num_value_heads: key and value heads of the delta-net (value
+        heads share key heads as query heads share KV heads in GQA). linear_key_head_dim /
+        linear_value_head_dim: per-head widths; the state per value head is key_dim x value_dim.
+        linear_conv_kernel_dim: width of the depthwise causal conv over q, k and v (4, as Mamba-2).
     """
 
     model_type = "smolforge"
@@ -109,6 +120,13 @@ class SmolForgeConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # --- hybrid (issue 19) ---
+    layer_types: list[str] | None = None
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 2
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -157,7 +175,35 @@ class SmolForgeConfig(PreTrainedConfig):
                 f"gives {rotary_dim} rotary dims of head_dim={self.head_dim}; it must be a positive even number"
             )
 
+    def validate_hybrid(self):
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}; "
+                "give one type per layer"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer_types may only hold {LAYER_TYPES}, got {unknown}")
+        if "full_attention" not in self.layer_types:
+            # transformers' cache counts generated tokens on an attention layer (Cache.get_seq_length).
+            raise ValueError("layer_types needs at least one 'full_attention' layer: the cache reads the sequence length from it")
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"linear_num_key_heads={self.linear_num_key_heads} must divide linear_num_value_heads="
+                f"{self.linear_num_value_heads} (each key head serves a whole group of value heads)"
+            )
+
     # --- derived quantities used by the HF model and the vLLM model alike ----------------------
+
+    def layer_is_linear_attention(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` is a gated delta-net (`core.ssm`) instead of attention."""
+        return self.layer_types is not None and self.layer_types[layer_idx] == "linear_attention"
 
     @property
     def rotary_dim(self) -> int:
@@ -208,3 +254,12 @@ PRESETS: dict[str, dict] = {
                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536,
                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, **_SMOLLM3_CHOICES),
 }
+# Hybrid (issue 19): `tiny` with three of its four layers gated delta-nets, Qwen3-Next's 3:1 ratio. The
+# delta-net widths are chosen so a linear layer has about the parameters of the attention layer it
+# replaces (48.5k vs 49.2k), so the hybrid-vs-dense ablation compares token mixers, not sizes.
+PRESETS["tiny-hybrid"] = dict(
+    PRESETS["tiny"],
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32, linear_value_head_dim=40,
+    linear_conv_kernel_dim=4,
+)

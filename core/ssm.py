@@ -25,9 +25,9 @@ Compute paths:
 State for generation lives in transformers' own cache: `DynamicCache(config=...)` reads
 `config.layer_types` and gives each "linear_attention" layer a `LinearAttentionLayer` holding the
 conv state (B, conv_dim, kernel) and the recurrent state (B, Hv, dk, dv), which is how Qwen3-Next
-keeps it. Packed rows (several documents in one row, per-document `position_ids`) are split at the
-document starts so no state flows from one document into the next, matching the block-diagonal mask
-the attention layers get.
+keeps it. Packed rows (several documents in one row, per-document `position_ids`) mask every term
+that would couple two documents, in the conv and in the rule, so each document computes what it
+computes alone from a zero state, in one batched pass (the block-diagonal mask of the attention layers).
 """
 
 import importlib.util
@@ -57,7 +57,8 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                           initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                           initial_state: torch.Tensor | None,
+                           doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The gated delta rule over a whole sequence, chunk by chunk, in fp32.
 
     q, k: (B, T, H, dk), already L2-normalised and q scaled; v: (B, T, H, dv); g (log decay, <= 0) and
@@ -69,6 +70,11 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     a unit lower-triangular system solved once for both right-hand sides. Then
     o_i = e^{c_i} S0^T q_i + sum_{j<=i} e^{c_i - c_j} (q_i.k_j) u_j  and
     S_end = e^{c_L} S0 + sum_j e^{c_L - c_j} k_j u_j^T.
+
+    doc_ids (B, T), non-decreasing along each row, packs several documents per row (no initial_state
+    then): every term above that couples two positions of different documents is masked out, and a
+    position reads S0 only if its document began before the chunk. That is each document run alone
+    from a zero state, in one batched pass.
     """
     out_dtype = v.dtype
     b, t, h, dk = k.shape
@@ -87,15 +93,27 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     causal = torch.ones(CHUNK_SIZE, CHUNK_SIZE, dtype=torch.bool, device=q.device).tril()
     # decay[i, j] = e^{c_i - c_j} for j <= i, 0 above the diagonal (masked before exp: no overflow)
     decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, N, L, L)
+    from_start = c.exp()  # e^{c_i}: how much of S0 position i still sees
+    to_end = (c[..., -1:] - c).exp()  # e^{c_L - c_j}: how much of position j's write reaches the chunk end
+    if doc_ids is not None:
+        doc = torch.cat([doc_ids, doc_ids[:, -1:].expand(b, pad)], dim=1)  # padding joins the last document
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        doc, starts = doc.view(b, 1, n, CHUNK_SIZE), starts.view(b, 1, n, CHUNK_SIZE).int()  # broadcast over heads
+        same_doc = doc[..., :, None] == doc[..., None, :]  # (B, 1, N, L, L)
+        continues = starts.cumsum(-1) == 0  # (B, 1, N, L): no document began in this chunk up to i
+        decay = decay * same_doc
+        from_start = from_start * continues
+        to_end = to_end * same_doc[..., -1, :]
     k_beta = k * beta[..., None]
     system = (k_beta @ k.transpose(-1, -2)) * decay  # strictly-lower part is the system; diagonal ignored
-    rhs = torch.cat([v * beta[..., None], k_beta * c.exp()[..., None]], dim=-1)  # (B, H, N, L, dv + dk)
+    rhs = torch.cat([v * beta[..., None], k_beta * from_start[..., None]], dim=-1)  # (B, H, N, L, dv + dk)
     solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     u_values, u_state = solved.split([dv, dk], dim=-1)  # u = u_values - u_state @ S0
     scores = (q @ k.transpose(-1, -2)) * decay  # (B, H, N, L, L) within-chunk attention
-    q_decayed = q * c.exp()[..., None]  # reads the start state
-    k_to_end = k * (c[..., -1:] - c).exp()[..., None]  # writes into the end state
-    chunk_decay = c[..., -1].exp()[..., None, None]  # (B, H, N, 1, 1)
+    q_decayed = q * from_start[..., None]  # reads the start state
+    k_to_end = k * to_end[..., None]  # writes into the end state
+    chunk_decay = from_start[..., -1, None, None]  # (B, H, N, 1, 1)
 
     state = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.float()
     out = torch.empty_like(v)  # (B, H, N, L, dv)
@@ -197,11 +215,8 @@ class SmolForgeGatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # (B, T, Hv), log decay <= 0
 
         if cache is None:
-            bounds = self._document_bounds(position_ids, kwargs.get("cu_seq_lens_q"), bsz, seq_len)
-            if bounds is not None:
-                out = self._packed_forward(mixed, g, beta, bounds)
-            else:
-                out, _ = self._mix(mixed, g, beta, initial_state=None)
+            doc_ids = self._document_ids(position_ids, kwargs.get("cu_seq_lens_q"), bsz, seq_len)
+            out, _ = self._mix(mixed, g, beta, initial_state=None, doc_ids=doc_ids)
         else:
             decoding = cache.has_previous_state(self.layer_idx)
             layer_cache = cache.layers[self.layer_idx]
@@ -225,18 +240,20 @@ class SmolForgeGatedDeltaNet(nn.Module):
         return self.out_proj(out.view(bsz, seq_len, self.value_dim))
 
     def _mix(self, mixed: torch.Tensor | None, g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None,
-             conv_out: torch.Tensor | None = None, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             conv_out: torch.Tensor | None = None, seq_len: int | None = None,
+             doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal conv + SiLU over `mixed` (B, conv_dim, T' >= T; extra leading columns are cached context),
-        then the gated delta rule on the last T tokens. Returns (B, T, Hv, dv) and the final state."""
+        then the gated delta rule on the last T tokens. Returns (B, T, Hv, dv) and the final state.
+        doc_ids (B, T): packed documents, kept apart in the conv and in the rule (no cache then)."""
         seq_len = g.shape[1] if seq_len is None else seq_len
         if conv_out is None:
-            conv_out = self._causal_conv(mixed)[:, :, -seq_len:]  # (B, conv_dim, T)
+            conv_out = self._causal_conv(mixed, doc_ids)[:, :, -seq_len:]  # (B, conv_dim, T)
         bsz = conv_out.shape[0]
         q, k, v = conv_out.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(bsz, seq_len, self.num_k_heads, self.head_k_dim)
         k = k.reshape(bsz, seq_len, self.num_k_heads, self.head_k_dim)
         v = v.reshape(bsz, seq_len, self.num_v_heads, self.head_v_dim)
-        if q.is_cuda and fla_installed():
+        if q.is_cuda and fla_installed() and doc_ids is None:  # packed rows: fla's cu_seqlens API is not wired up
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
 
@@ -251,40 +268,46 @@ class SmolForgeGatedDeltaNet(nn.Module):
             q, k = (x.repeat_interleave(self.v_per_k, dim=2) for x in (q, k))  # (B, T, Hv, dk)
         if initial_state is not None and seq_len == 1:
             return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
-        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state)
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, doc_ids)
 
-    def _causal_conv(self, mixed: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv + SiLU, (B, C, T) -> (B, C, T)."""
+    def _causal_conv(self, mixed: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU, (B, C, T) -> (B, C, T). With doc_ids (B, T), a tap that would
+        read a previous document reads zero instead, as if each document were convolved alone."""
         weight = self.conv1d.weight.squeeze(1)  # (C, kernel)
+        kernel = self.conv_kernel_size
+        if doc_ids is not None:
+            x = F.pad(mixed.to(weight.dtype), (kernel - 1, 0))  # (B, C, kernel - 1 + T)
+            docs = F.pad(doc_ids, (kernel - 1, 0), value=-1)  # (B, kernel - 1 + T)
+            t = mixed.shape[-1]
+            out = 0
+            for back in range(kernel):  # the tap reading `back` steps into the past has weight[:, kernel-1-back]
+                lo = kernel - 1 - back
+                same = (docs[:, lo:lo + t] == doc_ids)[:, None, :]  # (B, 1, T)
+                out = out + weight[:, lo, None] * x[:, :, lo:lo + t] * same
+            return F.silu(out).to(mixed.dtype)
         if mixed.is_cuda and causal_conv1d_installed():
             from causal_conv1d import causal_conv1d_fn
 
             return causal_conv1d_fn(mixed, weight, None, activation="silu")
-        out = F.conv1d(mixed.to(weight.dtype), self.conv1d.weight, padding=self.conv_kernel_size - 1,
+        out = F.conv1d(mixed.to(weight.dtype), self.conv1d.weight, padding=kernel - 1,
                        groups=self.conv_dim)[:, :, : mixed.shape[-1]]
         return F.silu(out).to(mixed.dtype)
 
     @staticmethod
-    def _document_bounds(position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None,
-                         bsz: int, seq_len: int) -> list[int] | None:
-        """Start offsets (and the end) of the documents of the flattened (B*T) batch when some row packs
-        more than one document; None when every row is one sequence (the common, loop-free case)."""
+    def _document_ids(position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None,
+                      bsz: int, seq_len: int) -> torch.Tensor | None:
+        """(B, T) index of the document each token belongs to when some row packs more than one
+        document; None when every row is one sequence (the common case, no masking at all).
+        Documents come from flash's `cu_seq_lens_q` when the batch runs as one flattened row, else
+        from where `position_ids` restart (the rule the attention layers' block-diagonal mask uses)."""
         if cu_seq_lens is None:
             if position_ids is None:
                 return None
             from .modeling import packed_sequence_lengths  # the one rule for document starts (lazy: modeling imports us)
 
             cu_seq_lens = packed_sequence_lengths(position_ids.expand(bsz, -1))["cu_seq_lens_q"]
-        bounds = cu_seq_lens.tolist()
-        row_starts = list(range(0, bsz * seq_len + 1, seq_len))
-        return None if bounds == row_starts else bounds
-
-    def _packed_forward(self, mixed: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-        """Each document from a zero state and a zero conv history (fla's `cu_seqlens` does this in one
-        kernel; here one chunked pass per document)."""
-        bsz, seq_len = g.shape[:2]
-        mixed = mixed.transpose(0, 1).reshape(self.conv_dim, 1, -1).transpose(0, 1)  # (1, C, B*T)
-        g, beta = g.reshape(1, bsz * seq_len, -1), beta.reshape(1, bsz * seq_len, -1)
-        outs = [self._mix(mixed[:, :, s:e], g[:, s:e], beta[:, s:e], initial_state=None)[0]
-                for s, e in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(outs, dim=1).view(bsz, seq_len, self.num_v_heads, self.head_v_dim)
+        if cu_seq_lens.numel() - 1 == bsz:  # as many documents as rows, and every row starts one
+            return None
+        starts = torch.zeros(bsz * seq_len, dtype=torch.long, device=cu_seq_lens.device)
+        starts[cu_seq_lens[:-1].long()] = 1
+        return starts.cumsum(0).view(bsz, seq_len)

@@ -114,9 +114,10 @@ def test_left_padded_batch_equals_each_row_alone():
 def test_packed_documents_do_not_share_state():
     model = hybrid_model()
     gen = torch.Generator().manual_seed(0)
-    lengths = [[9, 17, 6], [20, 12]]
+    # Rows of 96 tokens: documents that start mid-chunk and run across the 64-token chunk boundary.
+    lengths = [[40, 50, 6], [20, 76]]
     docs = [[torch.randint(0, VOCAB, (1, n), generator=gen) for n in row] for row in lengths]
-    packed = torch.cat([torch.cat(row, 1) for row in docs])  # (2, 32)
+    packed = torch.cat([torch.cat(row, 1) for row in docs])  # (2, 96)
     position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
     logits = model(packed, position_ids=position_ids, use_cache=False).logits
     scale = logits.abs().max().item()
@@ -127,7 +128,7 @@ def test_packed_documents_do_not_share_state():
             torch.testing.assert_close(logits[b:b + 1, start:start + ids.shape[1]], alone, rtol=0, atol=1e-5 * scale)
             start += ids.shape[1]
     # Control: read as one document per row, state flows across the boundaries, far beyond that tolerance.
-    assert (model(packed, use_cache=False).logits[:1, 9:26] - model(docs[0][1]).logits).abs().max() > 1e-2 * scale
+    assert (model(packed, use_cache=False).logits[:1, 40:90] - model(docs[0][1]).logits).abs().max() > 1e-2 * scale
 
 
 def test_training_steps_change_every_parameter(tmp_path):

@@ -20,7 +20,8 @@ Compute paths:
 - one-token decode with a cache: the recurrence above, one step.
 - fused kernels: on CUDA tensors, `fla` (flash-linear-attention) for the rule and `causal-conv1d` for
   the conv are used when installed; neither runs on CPU, so everywhere else (and in every test here,
-  where neither is installed) the plain torch code below runs.
+  where neither is installed) the plain torch code below runs. Packed rows always take the torch path
+  (fla's `cu_seqlens` and causal-conv1d's `seq_idx` would do them fused; not wired up yet).
 
 State for generation lives in transformers' own cache: `DynamicCache(config=...)` reads
 `config.layer_types` and gives each "linear_attention" layer a `LinearAttentionLayer` holding the
@@ -30,6 +31,7 @@ that would couple two documents, in the conv and in the rule, so each document c
 computes alone from a zero state, in one batched pass (the block-diagonal mask of the attention layers).
 """
 
+import functools
 import importlib.util
 
 import torch
@@ -43,10 +45,12 @@ from .kernels import RMSNorm
 CHUNK_SIZE = 64  # fla's and Qwen3-Next's chunk: the triangular solve is (64, 64) per head and chunk
 
 
+@functools.cache  # asked per layer and forward on CUDA; installing a package mid-process is not supported
 def fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+@functools.cache
 def causal_conv1d_installed() -> bool:
     return importlib.util.find_spec("causal_conv1d") is not None
 

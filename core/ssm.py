@@ -17,7 +17,7 @@ Compute paths:
 - prefill / training: the chunked form (chunks of 64 tokens; within a chunk the delta-rule updates
   are one triangular solve, the WY/UT representation of DeltaNet, Yang et al. 2024 "Parallelizing
   Linear Transformers with the Delta Rule"), then a sequential scan over chunks. Linear in length.
-- one-token decode with a cache: the recurrence above, one step.
+- one-token decode with a cache: the recurrence above, one step (`gated_delta_step`).
 - fused kernels: on CUDA tensors, `fla` (flash-linear-attention) for the rule and `causal-conv1d` for
   the conv are used when installed; neither runs on CPU, so everywhere else (and in every test here,
   where neither is installed) the plain torch code below runs. Packed rows always take the torch path
@@ -129,22 +129,15 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return out.to(out_dtype), state
 
 
-def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                               initial_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same rule token by token (decode). Same arguments and results as `chunk_gated_delta_rule`."""
-    out_dtype = v.dtype
-    b, t, h, dk = k.shape
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))  # (B, H, T, d)
-    g, beta = (x.transpose(1, 2).float() for x in (g, beta))  # (B, H, T)
-    state = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.float()
-    out = torch.empty_like(v)
-    for i in range(t):
-        state = state * g[:, :, i].exp()[..., None, None]  # (B, H, dk, dv)
-        predicted = (state * k[:, :, i, :, None]).sum(-2)  # S^T k: (B, H, dv)
-        correction = (v[:, :, i] - predicted) * beta[:, :, i, None]
-        state = state + k[:, :, i, :, None] * correction[:, :, None, :]
-        out[:, :, i] = (state * q[:, :, i, :, None]).sum(-2)
-    return out.transpose(1, 2).contiguous().to(out_dtype), state
+def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the rule (decode), in fp32: q, k (B, H, dk) as for the chunked form, v (B, H, dv),
+    g and beta (B, H), state (B, H, dk, dv). Returns the output (B, H, dv) and the new state."""
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    state = state.float() * g.exp()[..., None, None]  # decay
+    predicted = (k[..., None, :] @ state).squeeze(-2)  # S^T k: (B, H, dv)
+    state = state + k[..., :, None] * ((v - predicted) * beta[..., None])[..., None, :]  # write the correction
+    return (q[..., None, :] @ state).squeeze(-2), state
 
 
 class SmolForgeRMSNormGated(RMSNorm):
@@ -250,7 +243,12 @@ class SmolForgeGatedDeltaNet(nn.Module):
         then the gated delta rule on the last T tokens. Returns (B, T, Hv, dv) and the final state.
         doc_ids (B, T): packed documents, kept apart in the conv and in the rule (no cache then)."""
         seq_len = g.shape[1] if seq_len is None else seq_len
-        if conv_out is None:
+        if conv_out is None and seq_len == 1 and mixed.shape[-1] >= self.conv_kernel_size:
+            # Decode: the one new output is a dot product with the last `kernel` inputs (cached + new);
+            # a conv call costs ~100 us on CPU for this (measured), most of a tiny layer's step.
+            window = mixed[:, :, -self.conv_kernel_size:].to(self.conv1d.weight.dtype)  # (B, C, kernel)
+            conv_out = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1, keepdim=True)).to(mixed.dtype)
+        elif conv_out is None:
             conv_out = self._causal_conv(mixed, doc_ids)[:, :, -seq_len:]  # (B, conv_dim, T)
         bsz = conv_out.shape[0]
         q, k, v = conv_out.transpose(1, 2).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -271,7 +269,8 @@ class SmolForgeGatedDeltaNet(nn.Module):
         if self.v_per_k > 1:  # value head h reads key head h // v_per_k
             q, k = (x.repeat_interleave(self.v_per_k, dim=2) for x in (q, k))  # (B, T, Hv, dk)
         if initial_state is not None and seq_len == 1:
-            return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
+            out, state = gated_delta_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], initial_state)
+            return out[:, None].to(v.dtype), state  # (B, 1, Hv, dv)
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, doc_ids)
 
     def _causal_conv(self, mixed: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:

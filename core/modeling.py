@@ -5,6 +5,8 @@ A Llama-shaped pre-norm decoder (RMSNorm, SwiGLU, GQA) whose knobs — positions
 with linear or YaRN scaling, partial rotary, low frequencies removed / NoPE / RNoPE), QK-norm,
 tied embeddings, z-loss — come from `SmolForgeConfig`. Parameter names are Llama's, so a
 checkpoint exports to Llama / Qwen3 / SmolLM3 by renaming the config only (`core.export`).
+Where `config.layer_types` says "linear_attention", a layer mixes tokens with a gated delta-net
+(`core/ssm.py`, the hybrid of issue 19) instead of attention; its state rides in the same cache.
 
 Single-device code: sharding, activation checkpointing and compile are applied from outside
 (torchtitan's split). Attention goes through transformers' attention interface (eager / sdpa /

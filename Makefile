@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/core_throughput.py
 	$(PY) bench/pretrain_data.py
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/long_context.py
 
 clean:
 	rm -rf $(VENV)

@@ -21,6 +21,8 @@ POSITION_EMBEDDINGS = ("rope", "learned", "none")
 # vLLM from the same table. "dynamic" is left out on purpose: it changes frequencies with the
 # sequence length at run time, which a fixed vLLM cos/sin cache cannot reproduce.
 ROPE_TYPES = ("default", "linear", "yarn")
+# Token mixers of the hybrid core, named as transformers' Qwen3-Next names them (its cache reads them too).
+LAYER_TYPES = ("full_attention", "linear_attention")
 
 
 @strict
@@ -70,6 +72,14 @@ class SmolForgeConfig(PreTrainedConfig):
         width (it sizes the frequency table, as in transformers' DeepseekV3Config) and defaults to
         qk_rope_head_dim; num_key_value_heads must equal num_attention_heads (every head has its own key and
         value). 0 (the default) is plain GQA, and the four other fields must then be left unset.
+    Hybrid (issue 19): layer_types: None (every layer attention) or one entry per layer,
+        "full_attention" or "linear_attention", as transformers' Qwen3-Next spells it; a
+        "linear_attention" layer is a gated delta-net (`core.ssm`, Yang et al. 2024) whose fixed-size
+        state replaces the KV cache. Qwen3-Next interleaves three linear layers per attention layer.
+        linear_num_key_heads / linear_num_value_heads: key and value heads of the delta-net (value
+        heads share key heads as query heads share KV heads in GQA). linear_key_head_dim /
+        linear_value_head_dim: per-head widths; the state per value head is key_dim x value_dim.
+        linear_conv_kernel_dim: width of the depthwise causal conv over q, k and v (4, as Mamba-2).
     """
 
     model_type = "smolforge"
@@ -130,6 +140,13 @@ class SmolForgeConfig(PreTrainedConfig):
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
+    # --- hybrid (issue 19) ---
+    layer_types: list[str] | None = None
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 2
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.kv_lora_rank and self.qk_rope_head_dim:
@@ -213,8 +230,35 @@ class SmolForgeConfig(PreTrainedConfig):
             # latent is normalised already (kv_a_layernorm), as DeepSeek-V2 does instead.
             raise ValueError("qk_norm does not combine with MLA (kv_lora_rank > 0): MLA normalises the KV latent "
                              "instead (kv_a_layernorm); set qk_norm to false")
+    def validate_hybrid(self):
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}; "
+                "give one type per layer"
+            )
+        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"layer_types may only hold {LAYER_TYPES}, got {unknown}")
+        if "full_attention" not in self.layer_types:
+            # transformers' cache counts generated tokens on an attention layer (Cache.get_seq_length).
+            raise ValueError("layer_types needs at least one 'full_attention' layer: the cache reads the sequence length from it")
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"linear_num_key_heads={self.linear_num_key_heads} must divide linear_num_value_heads="
+                f"{self.linear_num_value_heads} (each key head serves a whole group of value heads)"
+            )
 
     # --- derived quantities used by the HF model and the vLLM model alike ----------------------
+
+    def layer_is_linear_attention(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` is a gated delta-net (`core.ssm`) instead of attention."""
+        return self.layer_types is not None and self.layer_types[layer_idx] == "linear_attention"
 
     @property
     def rotary_dim(self) -> int:
@@ -273,3 +317,12 @@ PRESETS: dict[str, dict] = {
 PRESETS["tiny-mla"] = {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("head_dim", "num_key_value_heads")},
                        "num_key_value_heads": 2, "kv_lora_rank": 40, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32,
                        "v_head_dim": 64}
+# Hybrid (issue 19): `tiny` with three of its four layers gated delta-nets, Qwen3-Next's 3:1 ratio. The
+# delta-net widths are chosen so a linear layer has about the parameters of the attention layer it
+# replaces (48.5k vs 49.2k), so the hybrid-vs-dense ablation compares token mixers, not sizes.
+PRESETS["tiny-hybrid"] = dict(
+    PRESETS["tiny"],
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32, linear_value_head_dim=40,
+    linear_conv_kernel_dim=4,
+)

@@ -32,6 +32,13 @@ class ExportError(ValueError):
 
 def native_target(config: SmolForgeConfig) -> str:
     """Which native architecture reproduces this config exactly; raises ExportError naming the knob."""
+    if config.layer_types is not None and "linear_attention" in config.layer_types:
+        # The one transformers architecture with these delta-net layers, Qwen3-Next, also gates the
+        # attention output, uses (1 + w) norms and partial RoPE, so it computes something else.
+        raise ExportError(
+            "layer_types has 'linear_attention' (gated delta-net) layers: Llama, Qwen3 and SmolLM3 have none, and "
+            "Qwen3-Next's attention layers differ from the core's (output gate, 1+w RMSNorm, partial RoPE)"
+        )
     if config.position_embedding == "learned":
         raise ExportError("position_embedding='learned': Llama, Qwen3 and SmolLM3 have no learned position table")
     if config.rope_low_freq_removed:

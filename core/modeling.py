@@ -5,6 +5,8 @@ A Llama-shaped pre-norm decoder (RMSNorm, SwiGLU, GQA) whose knobs — positions
 with linear or YaRN scaling, partial rotary, low frequencies removed / NoPE / RNoPE), QK-norm,
 tied embeddings, z-loss — come from `SmolForgeConfig`. Parameter names are Llama's, so a
 checkpoint exports to Llama / Qwen3 / SmolLM3 by renaming the config only (`core.export`).
+Where `config.layer_types` says "linear_attention", a layer mixes tokens with a gated delta-net
+(`core/ssm.py`, the hybrid of issue 19) instead of attention; its state rides in the same cache.
 
 Single-device code: sharding, activation checkpointing and compile are applied from outside
 (torchtitan's split). Attention goes through transformers' attention interface (eager / sdpa /
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -32,6 +34,7 @@ from transformers.utils.generic import is_flash_attention_requested, maybe_autoc
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
 from .mla import SmolForgeMLAttention
+from .ssm import SmolForgeGatedDeltaNet
 
 
 def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
@@ -172,17 +175,28 @@ class SmolForgeMLP(nn.Module):
 class SmolForgeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
         super().__init__()
-        attention = SmolForgeMLAttention if config.kv_lora_rank else SmolForgeAttention
-        self.self_attn = attention(config, layer_idx, use_liger)
+        # Token mixer: attention, or a gated delta-net where config.layer_types says "linear_attention"
+        # (hybrid, core/ssm.py; named `linear_attn` as in Qwen3-Next).
+        self.is_linear_attention = config.layer_is_linear_attention(layer_idx)
+        if self.is_linear_attention:
+            self.linear_attn = SmolForgeGatedDeltaNet(config, layer_idx)
+        else:
+            attention = SmolForgeMLAttention if config.kv_lora_rank else SmolForgeAttention
+            self.self_attn = attention(config, layer_idx, use_liger)
         self.mlp = SmolForgeMLP(config, use_liger)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                past_key_values: Cache | None = None, **kwargs) -> torch.Tensor:
-        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
-                                     attention_mask, past_key_values, **kwargs)
+                past_key_values: Cache | None = None, linear_attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        if self.is_linear_attention:
+            attn_out = self.linear_attn(self.input_layernorm(hidden_states), past_key_values, linear_attention_mask,
+                                        **kwargs)
+        else:
+            attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                         attention_mask, past_key_values, **kwargs)
         hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -209,6 +223,8 @@ class SmolForgePreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, SmolForgeGatedDeltaNet):
+            module.reset_ssm_parameters(std)
         elif isinstance(module, SmolForgeRotaryEmbedding):
             # Buffers are not saved (persistent=False); recompute them when weights are
             # materialised from the meta device by from_pretrained.
@@ -273,6 +289,12 @@ class SmolForgeModel(SmolForgePreTrainedModel):
         if self.config.position_embedding == "learned":
             hidden_states = hidden_states + self.embed_positions(position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+        if self.config.layer_types is not None:
+            # Delta-net layers take the 2D padding mask (None when nothing is padded), as Qwen3-Next's do.
+            kwargs["linear_attention_mask"] = create_recurrent_attention_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                past_key_values=past_key_values,
+            )
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings,
@@ -300,6 +322,8 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         self.model = SmolForgeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.use_liger = self.model.use_liger  # resolved once, so a fallback warns once
+        # A recurrent state cannot be rolled back to verify draft tokens: generate refuses assisted decoding.
+        self._is_stateful = config.layer_types is not None and "linear_attention" in config.layer_types
         self.post_init()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,

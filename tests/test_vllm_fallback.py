@@ -119,3 +119,25 @@ def test_served_vllm_on_an_mla_checkpoint_fails_at_once_naming_the_field(mla_che
     with pytest.raises(ValueError, match="kv_lora_rank=40"):
         rl.train.main(["--config", str(recipe), "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_distillation_student_samples_with_transformers_and_a_served_mla_teacher_is_refused(mla_policy, tmp_path,
+                                                                                            capsys):
+    from distill.train import main as distill_main
+
+    common = {"model_name_or_path": str(mla_policy), "teacher_model_name_or_path": str(mla_policy),
+              "prompt_suite": "arithmetic", "max_prompts": 4, "max_completion_length": 4, "max_steps": 1,
+              "per_device_train_batch_size": 2, "lmbda": 1.0, "logging_steps": 1, "save_strategy": "no",
+              "seed": 0, "report_to": "none"}
+    out = tmp_path / "run"
+    distill_main(["--config", str(write_recipe(tmp_path, {**common, "use_vllm": True, "vllm_mode": "colocate"})),
+                  "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert f"vLLM cannot serve {mla_policy}: kv_lora_rank=" in printed and FALLBACK_LINE in printed
+    assert "student samples with transformers" in printed
+    assert (out / "model.safetensors").exists()
+
+    served = write_recipe(tmp_path, {**common, "teacher_model_server_url": "http://127.0.0.1:9"})
+    with pytest.raises(ValueError, match="vLLM cannot serve .*kv_lora_rank=40"):
+        distill_main(["--config", str(served), "--output_dir", str(tmp_path / "served")])
+    assert not (tmp_path / "served").exists()

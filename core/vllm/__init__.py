@@ -101,8 +101,8 @@ def use_vllm_for(model_path: str, served: bool) -> bool:
     if reason is None:
         return True
     if served:
-        raise ValueError(f"vLLM cannot serve {model_path}: {reason}; use vllm_mode: colocate (which falls back to "
-                         f"transformers generate) or use_vllm: false")
+        raise ValueError(f"vLLM cannot serve {model_path}: {reason}; a vLLM server cannot fall back to transformers: "
+                         f"sample in the trainer instead (vllm_mode: colocate falls back to generate, or no server)")
     print(f"vLLM cannot serve {model_path}: {reason}; generating with transformers instead", flush=True)
     return False
 

@@ -48,10 +48,11 @@ UNSERVABLE: list[tuple[str, Callable, Callable]] = [
     # exported to DeepseekV3 (`python -m core.export`) and served by `vllm.LLM` runs on vLLM's CPU_MLA backend,
     # whose decode kernel is built for DeepSeek-V3's latent only (CPUMLABackend.get_supported_head_sizes() ==
     # [576] = kv_lora_rank 512 + rope 64). tiny-mla (40 + 32): the first step fails, "ValueError: Head dimension
-    # 72 is not supported by MLA.". 512 + 64 (2 heads, untied): it runs, but its greedy tokens differ from
-    # DeepseekV3's `generate` from the first prefill (its log-probs differ by 0.3 nats; tied embeddings give
-    # uniform logits, vLLM's DeepSeek has no tied head). So no MLA config is served exactly, and the plugin's own
-    # model class (core/vllm/model.py) is GQA only.
+    # 72 is not supported by MLA.". 512 + 64 (2 layers, 2 heads, untied): it runs, and a 1-token prompt's
+    # log-probs equal DeepseekV3's, but the error grows with the prompt: 1.5e-3 nats after a 2-token prefill,
+    # 0.4 nats after a 7-token one, whose first greedy token already differs from `generate` (tied embeddings:
+    # uniform logits, vLLM's DeepSeek loads no tied head). So no MLA config is served exactly, and the plugin's
+    # own model class (core/vllm/model.py) is GQA only.
     ("kv_lora_rank", lambda c: bool(c.kv_lora_rank),
      lambda c: (f"kv_lora_rank={c.kv_lora_rank}: the plugin's vLLM model (core/vllm/model.py) has no MLA attention, "
                 f"and vLLM's CPU MLA backend does not reproduce it (kv_lora_rank + qk_rope_head_dim = "

@@ -95,15 +95,14 @@ def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int],
     # In-process, as the RL and distillation stages colocate it: no engine processes to spawn, so
     # this works without an `if __name__ == "__main__"` guard in the caller.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
     import core.vllm
 
-    config = AutoConfig.from_pretrained(model_path)
-    if config.model_type == "smolforge":
-        core.vllm.check_servable(config)
+    # Callers that can fall back ask core.vllm.use_vllm_for first; here a config vLLM cannot serve fails
+    # naming the field before an engine starts.
+    core.vllm.check_servable(model_path)
     llm = LLM(
         model=model_path,
         dtype=settings.dtype,

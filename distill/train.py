@@ -56,6 +56,7 @@ from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
+from core.vllm import use_vllm_for
 from core.vllm.client import TimedVLLMClient
 from core.vllm.trl_sync import ColocatedWeightSyncMixin
 
@@ -269,6 +270,12 @@ def run(cfg: DistillConfig) -> dict:
         if getattr(cfg, key) is None:
             raise ValueError(f"{key} is required: the {'student' if key == 'model_name_or_path' else 'teacher'} "
                              f"checkpoint (e.g. an SFT output directory)")
+    # Before anything starts: a student vLLM cannot serve samples with transformers generate when colocated;
+    # a served student or teacher cannot fall back, so that is an error naming the field.
+    if cfg.use_vllm and not use_vllm_for(cfg.model_name_or_path, served=cfg.vllm_mode == "server"):
+        cfg.use_vllm = False
+    if cfg.teacher_model_server_url is not None:
+        use_vllm_for(cfg.teacher_model_name_or_path, served=True)
     out = Path(cfg.output_dir)
     resume_from = trainer_resume_point(cfg)
 

@@ -108,7 +108,7 @@ def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -
         max_new_tokens=suite.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
         num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype)
     backend = resolve_backend(cfg.backend)
-    tokenizer, samples, conversational = sample_checkpoint(
+    tokenizer, samples, conversational, backend = sample_checkpoint(
         model_path, rows, settings, backend, True, cfg.batch_size, cfg.vllm_kv_cache_memory_bytes)
     # Scored as rewards.evaluate scores (special tokens skipped); kept with them for training.
     graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from core.generation import GenerationSettings, Sample, generate_transformers, generate_vllm
 from core.recipe import parse_recipe, resolved_recipe
+from core.vllm import use_vllm_for
 from rewards.config import EvaluateConfig
 from rewards.functions import REWARD_FUNCS, compute_rewards, summarize, weighted_total
 from rewards.suites import RewardSuite, get_suite, load_rows
@@ -116,9 +117,14 @@ def summarize_model(suite: RewardSuite, samples: list[list[Sample]], rewards: di
 def sample_checkpoint(model_path: str, rows: list[dict], settings: GenerationSettings, backend: str,
                       use_chat_template: bool, batch_size: int, vllm_kv_cache_memory_bytes: int):
     """Completions of one checkpoint for the rows' prompts, with vLLM or transformers; returns
-    (tokenizer, samples, conversational). Also how preference.build_pairs samples its candidates."""
+    (tokenizer, samples, conversational, backend used). Also how preference.build_pairs samples its candidates.
+
+    With backend vllm, a checkpoint vLLM cannot serve (core.vllm.use_vllm_for: e.g. MLA on vLLM's CPU
+    backend) is sampled with transformers instead, with one printed line."""
     from transformers import AutoTokenizer
 
+    if backend == "vllm" and not use_vllm_for(model_path, served=False):
+        backend = "transformers"
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     conversational = bool(use_chat_template and tokenizer.chat_template)
     prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], use_chat_template)
@@ -132,13 +138,13 @@ def sample_checkpoint(model_path: str, rows: list[dict], settings: GenerationSet
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=settings.dtype)
         samples = generate_transformers(model, prompts, eos_ids, settings, batch_size)
         del model
-    return tokenizer, samples, conversational
+    return tokenizer, samples, conversational, backend
 
 
 def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, rows: list[dict],
                    settings: GenerationSettings, backend: str) -> dict:
     """Generate, score and summarise one checkpoint; returns {"summary": ..., "samples": [...]}."""
-    tokenizer, samples, conversational = sample_checkpoint(
+    tokenizer, samples, conversational, backend = sample_checkpoint(
         model_path, rows, settings, backend, config.use_chat_template, config.batch_size,
         config.vllm_kv_cache_memory_bytes)
     # One decode for both backends (vLLM's incremental detokenizer may differ in whitespace).

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from core.recipe import help_field as _help, parse_recipe
+from core.vllm import use_vllm_for
 
 
 @dataclass
@@ -68,6 +69,9 @@ def serve_command(cfg: ServeConfig) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     (cfg,) = parse_recipe(ServeConfig, args=argv)
+    # A server cannot fall back to transformers: a checkpoint vLLM cannot serve (e.g. MLA on vLLM's CPU
+    # backend) fails here, naming the field, before vLLM starts.
+    use_vllm_for(cfg.model_name_or_path, served=True)
     command = serve_command(cfg)
     print("rl.serve:", " ".join(command), flush=True)
     os.execve(sys.executable, command, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"})

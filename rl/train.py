@@ -51,6 +51,7 @@ from core.generation import GenerationSettings, generate_transformers, to_sample
 from core.metrics import MetricsCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.trainer_defaults import lora_config
+from core.vllm import use_vllm_for
 from rewards.functions import REWARD_FUNCS, compute_rewards
 from rewards.suites import get_suite
 from rewards.suites import load_rows as load_suite_rows
@@ -167,6 +168,10 @@ def resumed_step(checkpoint: str | None) -> int | None:
 def run(cfg: GRPOConfig) -> dict:
     if cfg.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the policy to train (e.g. out/tiny/sft)")
+    # Before anything starts: a policy vLLM cannot serve (e.g. MLA on vLLM's CPU backend) rolls out with
+    # transformers generate when colocated; a served vLLM cannot fall back, so that is an error naming the field.
+    if cfg.use_vllm and not use_vllm_for(cfg.model_name_or_path, served=cfg.vllm_mode == "server"):
+        cfg.use_vllm = False
     out = Path(cfg.output_dir)
     resume_from = trainer_resume_point(cfg)
 

@@ -98,9 +98,7 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
         os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
         vllm_generation.ensure_master_addr_port()
-        config = self.model.config
-        if config.model_type == "smolforge":
-            core.vllm.check_servable(config)
+        core.vllm.check_servable(self.model.config)
         # TRL's arguments, plus eager execution and the explicit KV-cache size (module docstring).
         self.llm = vllm_generation.LLM(
             model=self.model.name_or_path,

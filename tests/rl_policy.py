@@ -4,7 +4,7 @@ GRPO group gets mixed rewards (a random model scores 0 everywhere and learns not
 Not the real pipeline's SFT checkpoint (tokenizer -> pretrain -> midtrain -> sft, minutes): the
 tokenizer is the test session's 512-token BPE with the ChatML template installed (no system-prompt
 boilerplate: prompts of about 15 tokens keep every step cheap), and the model
-is the `tiny` preset trained with plain cross-entropy on the no-think replies to every fact.
+is the `tiny` preset (or `preset`) trained with plain cross-entropy on the no-think replies to every fact.
 """
 
 import random
@@ -17,7 +17,8 @@ from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.arithmetic import FACTS, answer, question
 
 
-def build_policy(tokenizer_dir, out_dir, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3):
+def build_policy(tokenizer_dir, out_dir, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 3e-3,
+                 preset: str = "tiny"):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     template = chat_templates.load("chatml")
     chat_templates.install(tokenizer, template, variant="training", add_missing_tokens=True)
@@ -34,7 +35,7 @@ def build_policy(tokenizer_dir, out_dir, steps: int, seed: int = 0, batch_size: 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    model = SmolForgeForCausalLM(SmolForgeConfig.from_preset(preset, vocab_size=len(tokenizer)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = random.Random(seed)
     model.train()

@@ -42,6 +42,8 @@ def test_the_reason_names_the_field_and_the_vllm_model_refuses_it():
     # What the plugin's vLLM model class raises on construction (tests/test_vllm.py starts an engine for head_dim).
     with pytest.raises(ValueError, match="kv_lora_rank=40"):
         check_servable(config)
+    with pytest.raises(ValueError, match="layer_types has 'linear_attention' layers"):
+        check_servable(SmolForgeConfig.from_preset("tiny-hybrid"))
 
 
 def test_generate_vllm_refuses_before_starting_an_engine(mla_checkpoint):

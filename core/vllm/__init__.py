@@ -59,6 +59,13 @@ UNSERVABLE: list[tuple[str, Callable, Callable]] = [
                 f"{c.kv_lora_rank + c.qk_rope_head_dim} fails with 'Head dimension "
                 f"{c.kv_lora_rank + c.qk_rope_head_dim} is not supported by MLA.' unless it is 576, which runs but "
                 f"does not give generate's greedy tokens)")),
+    # Hybrid (issue 19): the plugin's vLLM model has no gated delta-net layer. vLLM's own one (Qwen3-Next's
+    # `qwen_gdn_linear_attn`, which has a CPU path in 0.31) comes only inside Qwen3-Next, whose attention layers
+    # (output gate, partial rotary) and MoE MLPs the core does not match, so `core.export` refuses it too.
+    ("layer_types", lambda c: c.layer_types is not None and "linear_attention" in c.layer_types,
+     lambda c: ("layer_types has 'linear_attention' layers (gated delta-net, core/ssm.py): the plugin's vLLM model "
+                "(core/vllm/model.py) has attention layers only, and vLLM's own delta-net comes only with Qwen3-Next, "
+                "which the core does not match")),
     # The CPU attention backend has a fixed list of head sizes (16 is not among them: shared/FACTS.md).
     ("head_dim", lambda c: _on_cpu() and c.head_dim not in _cpu_attention_head_sizes(),
      lambda c: (f"head_dim={c.head_dim} cannot be served by vLLM's CPU attention, which supports head_dim in "

@@ -59,6 +59,23 @@ class SmolForgeConfig(PreTrainedConfig):
         architecture: True where Liger cannot run warns and falls back to plain torch, so a checkpoint
         saved with it loads anywhere.
     attention_dropout: dropout on attention probabilities (0 in every modern recipe).
+
+    Mixture of experts (issue 19, core/moe.py). num_experts: routed experts per MoE layer; 0 keeps the
+    dense SwiGLU MLP everywhere. num_experts_per_tok: experts each token is sent to (top-k token choice).
+    moe_intermediate_size: width of one expert; against num_experts it sets the granularity (many
+    small experts, as in DeepSeekMoE / Qwen3-MoE; k x moe_intermediate_size = intermediate_size keeps
+    the active MLP parameters of the dense model). first_k_dense_layers: the first k layers keep the
+    dense MLP (DeepSeek-V3's first_k_dense_replace: early layers route poorly). moe_router_scores:
+    "softmax" (Mixtral, Qwen-MoE) or "sigmoid" (DeepSeek-V3) expert scores. norm_topk_prob: rescale the
+    k chosen scores to sum to 1. shared_expert_intermediate_size: width of an always-on shared expert
+    with a sigmoid gate (Qwen2-MoE; several DeepSeek shared experts are one wider one); 0 = none.
+    moe_expert_share_group: consecutive MoE layers in groups of this size use one set of expert weights,
+    each layer keeping its own router (1 = no sharing). router_aux_loss_coef: weight of the
+    load-balancing loss (Switch / Qwen-MoE form), whose expert fractions f_i are counted over the
+    global batch, not per micro-batch (Qiu et al. 2025). router_z_loss_coef: weight of the router
+    z-loss (ST-MoE, Zoph et al. 2022). moe_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): a
+    per-expert bias added to the scores for the choice of experts only, moved by this much against
+    the sign of each expert's load error after every optimizer step; 0 = off.
     """
 
     model_type = "smolforge"
@@ -109,6 +126,18 @@ class SmolForgeConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # --- MoE (issue 19) ---
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    first_k_dense_layers: int = 0
+    moe_router_scores: str = "softmax"
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    moe_expert_share_group: int = 1
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -156,6 +185,39 @@ class SmolForgeConfig(PreTrainedConfig):
                 f"rope_parameters.partial_rotary_factor={self.rope_parameters.get('partial_rotary_factor')} "
                 f"gives {rotary_dim} rotary dims of head_dim={self.head_dim}; it must be a positive even number"
             )
+
+    def validate_moe(self):
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = dense MLP everywhere), got {self.num_experts}")
+        if self.num_experts == 0:
+            for name, off in (("first_k_dense_layers", 0), ("shared_expert_intermediate_size", 0),
+                              ("moe_expert_share_group", 1), ("router_aux_loss_coef", 0.0),
+                              ("router_z_loss_coef", 0.0), ("moe_bias_update_rate", 0.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)} only applies with num_experts > 0")
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.moe_intermediate_size is None or self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size}: set the width of one expert "
+                             f"(e.g. intermediate_size // num_experts_per_tok for the dense model's active size)")
+        if not 0 <= self.first_k_dense_layers < self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_layers={self.first_k_dense_layers} must be in [0, num_hidden_layers="
+                             f"{self.num_hidden_layers}) so that at least one layer is MoE")
+        if self.moe_router_scores not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_scores must be 'softmax' or 'sigmoid', got {self.moe_router_scores!r}")
+        if self.moe_expert_share_group < 1:
+            raise ValueError(f"moe_expert_share_group must be >= 1 (1 = every layer its own experts), "
+                             f"got {self.moe_expert_share_group}")
+        for name in ("shared_expert_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef",
+                     "moe_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def layer_is_moe(self, layer_idx: int) -> bool:
+        """MoE MLP in this layer (else the dense SwiGLU MLP): every layer after the first k dense ones."""
+        return self.num_experts > 0 and layer_idx >= self.first_k_dense_layers
 
     # --- derived quantities used by the HF model and the vLLM model alike ----------------------
 
@@ -208,3 +270,8 @@ PRESETS: dict[str, dict] = {
                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=65536,
                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}, **_SMOLLM3_CHOICES),
 }
+# `tiny` with MoE MLPs at equal active parameters: 8 experts of 192, 2 per token = the dense 384 (the
+# router's 8 x 128 per layer aside), first layer dense. Balanced without an auxiliary loss, by the
+# DeepSeek-V3 bias (rate 1e-3 as in the paper), plus the ST-MoE router z-loss at its paper value 1e-3.
+PRESETS["tiny-moe"] = dict(PRESETS["tiny"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
+                           first_k_dense_layers=1, moe_bias_update_rate=1e-3, router_z_loss_coef=1e-3)

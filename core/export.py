@@ -1,4 +1,5 @@
-"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 architectures.
+"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 architectures, and export an
+MoE core to Qwen3-MoE (or, with a shared expert, Qwen2-MoE).
 
 The core names its parameters as Llama does, so a conversion is a config translation plus a
 strict `load_state_dict`: nothing is re-laid out. Export works whenever the core's knobs fit the
@@ -14,13 +15,16 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel,
-                          Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
+                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 from .config import SmolForgeConfig
 from .modeling import SmolForgeForCausalLM
 
 NATIVE = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
           "smollm3": (SmolLM3Config, SmolLM3ForCausalLM)}
+# Export targets only: the core's MoE (core/moe.py) stores its experts in these models' layout.
+NATIVE_MOE = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
 
 
 class ExportError(ValueError):
@@ -41,9 +45,35 @@ def native_target(config: SmolForgeConfig) -> str:
     has_nope = config.position_embedding == "none" or config.no_rope_layer_interval > 0
     if config.qk_norm and has_nope:
         raise ExportError("qk_norm together with NoPE layers: Qwen3 has QK-norm but no NoPE layers, SmolLM3 the reverse")
+    if config.num_experts:
+        return native_moe_target(config, has_nope)
     if config.qk_norm:
         return "qwen3"
     return "smollm3" if has_nope else "llama"
+
+
+def native_moe_target(config: SmolForgeConfig, has_nope: bool) -> str:
+    """Qwen3-MoE (QK-norm, no shared expert) or Qwen2-MoE (a sigmoid-gated shared expert, no QK-norm)."""
+    if has_nope:
+        raise ExportError("NoPE layers (position_embedding='none' / no_rope_layer_interval) with num_experts > 0: "
+                          "Qwen2-MoE and Qwen3-MoE put RoPE in every layer")
+    if config.moe_router_scores != "softmax":
+        raise ExportError(f"moe_router_scores={config.moe_router_scores!r}: Qwen-MoE routers use softmax scores")
+    if config.moe_bias_update_rate:
+        raise ExportError(f"moe_bias_update_rate={config.moe_bias_update_rate}: Qwen-MoE routers have no routing "
+                          "bias (DeepSeek-V3's has)")
+    if config.moe_expert_share_group != 1:
+        raise ExportError(f"moe_expert_share_group={config.moe_expert_share_group}: Qwen-MoE layers do not share "
+                          "experts")
+    if config.shared_expert_intermediate_size:
+        if config.qk_norm:
+            raise ExportError("qk_norm with shared_expert_intermediate_size > 0: Qwen2-MoE has the shared expert but no "
+                              "QK-norm, Qwen3-MoE the reverse")
+        return "qwen2_moe"
+    if not config.qk_norm:
+        raise ExportError("qk_norm=False with num_experts > 0 and no shared expert: Qwen3-MoE always has QK-norm, "
+                          "Qwen2-MoE always a shared expert")
+    return "qwen3_moe"
 
 
 def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
@@ -63,6 +93,17 @@ def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
         # The RoPE parameters still matter for the RoPE layers; with NoPE everywhere they are unused.
     elif target == "llama":
         common["mlp_bias"] = False
+    elif target in NATIVE_MOE:
+        common.pop("attention_bias")  # Qwen-MoE configs: attention_bias (Qwen3) / qkv_bias (Qwen2)
+        common.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                      mlp_only_layers=list(range(config.first_k_dense_layers)), decoder_sparse_step=1,
+                      router_aux_loss_coef=config.router_aux_loss_coef)
+        if target == "qwen2_moe":
+            common.update(qkv_bias=False, shared_expert_intermediate_size=config.shared_expert_intermediate_size)
+        else:
+            common.update(attention_bias=False)
+        return NATIVE_MOE[target][0](**common)
     return NATIVE[target][0](**common)
 
 
@@ -111,7 +152,7 @@ def _convert(model: PreTrainedModel, config: PreTrainedConfig, cls: type[PreTrai
 
 def to_native(model: SmolForgeForCausalLM) -> PreTrainedModel:
     config = native_config(model.config)
-    return _convert(model, config, NATIVE[config.model_type][1])
+    return _convert(model, config, {**NATIVE, **NATIVE_MOE}[config.model_type][1])
 
 
 def from_native(model: PreTrainedModel) -> SmolForgeForCausalLM:

@@ -341,7 +341,6 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss, aux_loss=aux_loss,
                                        past_key_values=outputs.past_key_values)
 
-
     def router_loss(self, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
                     num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
         """The MoE router losses of this forward (core/moe.py), weighted like the token loss: with

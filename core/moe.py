@@ -7,6 +7,9 @@ Qwen3-MoE ones (`mlp.gate.weight` (E, d), `mlp.experts.gate_up_proj` (E, 2I, d),
 `mlp.experts.down_proj` (E, d, I), `mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`), so a
 checkpoint exports to them by a config translation (`core.export`).
 
+    >>> from core import SmolForgeConfig, SmolForgeForCausalLM
+    >>> model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny-moe", vocab_size=512))
+
 Balancing, all off by default:
 - The load-balancing loss E * sum_i f_i P_i (Switch, in Qwen-MoE's form: f_i = fraction of routed
   slots, summing to k, P_i = mean routing probability) is computed with f_i counted over the GLOBAL
@@ -24,7 +27,8 @@ Balancing, all off by default:
 
 The step's global counts also give the load statistics the pretraining loop logs and alerts on
 (`expert_load`: max/mean load, dead experts). The experts run as a plain loop on CPU and as two
-grouped GEMMs (`torch._grouped_mm`) on CUDA, where torch provides it.
+grouped GEMMs (`torch._grouped_mm`) on CUDA in bf16, where torch provides it (bench/moe_grouped_gemm.py
+checks the two against each other on a GPU).
 """
 
 from collections.abc import Callable
@@ -74,9 +78,15 @@ class SmolForgeExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """x (N, d), top_idx / top_w (N, k) -> (N, d): sum over the k chosen experts of weight x expert(x)."""
-        if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        # torch._grouped_mm's fast CUDA kernel is bf16 only (fp32 / fp16 go through a slow per-group fallback,
+        # pytorch#162059), so the grouped path is taken where the experts compute in bf16.
+        if x.is_cuda and hasattr(torch, "_grouped_mm") and self.compute_dtype() == torch.bfloat16:
             return self.grouped_forward(x, top_idx, top_w)
         return self.loop_forward(x, top_idx, top_w)
+
+    def compute_dtype(self) -> torch.dtype:
+        # grouped_mm is not autocast-aware (pytorch#174763): it runs in the autocast dtype only if cast to it.
+        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.gate_up_proj.dtype
 
     def loop_forward(self, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -95,8 +105,7 @@ class SmolForgeExperts(nn.Module):
         token = order // k  # (N*k,) the token of each sorted pair
         # Group ends; int32 as the kernel wants. bincount, not unique: no host sync.
         offs = torch.cumsum(torch.bincount(flat, minlength=self.num_experts), 0, dtype=torch.int32)  # (E,)
-        # grouped_mm is not autocast-aware: run it in the autocast dtype when autocast is on.
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else self.gate_up_proj.dtype
+        dtype = self.compute_dtype()
         h = torch._grouped_mm(x[token].to(dtype), self.gate_up_proj.to(dtype).transpose(1, 2), offs=offs)  # (N*k, 2I)
         gate, up = h.chunk(2, dim=-1)
         y = torch._grouped_mm(swiglu(gate, up, self.use_liger), self.down_proj.to(dtype).transpose(1, 2),

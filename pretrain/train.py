@@ -129,7 +129,7 @@ def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
     attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     # An MoE layer counts its active parameters only: router, the k chosen experts, the shared expert.
     moe = (d * config.num_experts + 3 * d * config.num_experts_per_tok * (config.moe_intermediate_size or 0)
-           + 3 * d * config.shared_expert_intermediate_size + d)
+           + (3 * d * config.shared_expert_intermediate_size + d if config.shared_expert_intermediate_size else 0))
     mlp = sum(moe if config.layer_is_moe(i) else 3 * d * config.intermediate_size for i in range(L))
     n = L * attn + mlp + d * config.vocab_size
     return 6 * n + 12 * L * config.num_attention_heads * config.head_dim * seq_len

@@ -588,8 +588,8 @@ def run(cfg: PretrainConfig) -> dict:
         r.step += 1
         progress.update(1)
         check_speed(r, result)
-        check_expert_load(r, result)
         log_step(r, result, lr, action == "skip", micro_batches)
+        check_expert_load(r, result)  # after the log line, so a run it stops has the collapsed load logged
         if r.step % cfg.eval_steps == 0 or r.step == cfg.max_steps:
             evaluate_and_adapt(r)
         if r.step % cfg.save_steps == 0 or r.step == cfg.max_steps:

@@ -232,3 +232,25 @@ def test_collapse_alert():
     assert resolve_policies({"expert_collapse": "stop"})["expert_collapse"] == "stop"
     with pytest.raises(ValueError, match="expert_collapse"):
         resolve_policies({"expert_collapse": "skip"})
+
+
+def test_pretraining_logs_expert_load_and_stops_on_collapse(tmp_path, tokenizer_dir):
+    """The loop end to end: load statistics in metrics.jsonl, bias moved, the alert's `stop` policy applied
+    (a threshold of 1.0 makes any imbalance a collapse)."""
+    from conftest import write_recipe
+    from pretrain.train import TrainingStopped, main as pretrain_main
+
+    recipe = write_recipe(tmp_path, {
+        "tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny-moe",
+        "model_overrides": {"num_hidden_layers": 2, "moe_bias_update_rate": 1e-2, "router_aux_loss_coef": 1e-2},
+        "max_length": 32, "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 300}],
+        "max_steps": 4, "per_device_train_batch_size": 4, "warmup_steps": 1, "logging_steps": 1, "eval_steps": 100,
+        "save_steps": 100, "lr_scheduler_kwargs": {"num_decay_steps": 1, "decay_type": "linear"},
+        "data_cache_dir": str(tmp_path / "data_cache"), "skip_preflight": True,
+        "alert_policies": {"expert_collapse": "stop"}, "expert_collapse_ratio": 1.0})
+    with pytest.raises(TrainingStopped, match="expert_collapse"):
+        pretrain_main(["--config", str(recipe), "--output_dir", str(tmp_path / "run")])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["moe/max_mean_load"] > 1.0 and rows[0]["moe/num_experts"] == 8 and rows[0]["aux_loss"] > 0
+    alerts = [json.loads(line) for line in (tmp_path / "run" / "alerts.jsonl").read_text().splitlines()]
+    assert [a["kind"] for a in alerts] == ["expert_collapse"] and alerts[0]["action"] == "stop"

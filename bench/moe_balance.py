@@ -40,14 +40,15 @@ def run(name: str, rate: float, args) -> list[dict]:
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     if not (out / "run" / "stage.json").exists():
         subprocess.run([sys.executable, "-m", "pretrain", "--config", str(out / "recipe.yaml")], check=True, cwd=REPO)
-    return [{"step": r["step"], "max_mean_load": r["moe/max_mean_load"], "dead_experts": r["moe/dead_experts"],
-             "loss": r["loss"]} for r in read_metrics(out / "run") if "moe/max_mean_load" in r]
+    return [{"step": r["step"], "max_mean_load": r["moe/max_mean_load"], "layer_mean": r["moe/mean_max_mean_load"],
+             "dead_experts": r["moe/dead_experts"], "loss": r["loss"]}
+            for r in read_metrics(out / "run") if "moe/max_mean_load" in r]
 
 
-def settled_below(curve: list[dict]) -> int | None:
+def settled_below(curve: list[dict], key: str) -> int | None:
     """First logged step from which max/mean stays below the target to the end of the run."""
     for i, row in enumerate(curve):
-        if all(r["max_mean_load"] < TARGET for r in curve[i:]):
+        if all(r[key] < TARGET for r in curve[i:]):
             return row["step"]
     return None
 
@@ -63,15 +64,19 @@ def main():
     args = parser.parse_args()
     curves = {f"bias {args.rate:g}": run("bias", args.rate, args), "no balancing": run("none", 0.0, args)}
     steps = [r["step"] for r in next(iter(curves.values()))]
-    print("\nmax/mean expert load (worst MoE layer), dead experts in brackets")
-    print("step  " + "  ".join(f"{name:>16s}" for name in curves))
+    print("\nmax/mean expert load of the step: worst MoE layer / mean over MoE layers [dead experts]")
+    print("step  " + "  ".join(f"{name:>22s}" for name in curves))
     for i, step in enumerate(steps):
-        print(f"{step:4d}  " + "  ".join(f"{c[i]['max_mean_load']:11.2f} [{c[i]['dead_experts']}]" for c in curves.values()))
-    summary = {name: {"settled_below_1.3_at": settled_below(c), "final_max_mean_load": c[-1]["max_mean_load"],
+        print(f"{step:4d}  " + "  ".join(f"{c[i]['max_mean_load']:10.2f} / {c[i]['layer_mean']:4.2f} [{c[i]['dead_experts']}]"
+                                         for c in curves.values()))
+    summary = {name: {"worst_layer_below_1.3_from": settled_below(c, "max_mean_load"),
+                      "layer_mean_below_1.3_from": settled_below(c, "layer_mean"),
+                      "final_max_mean_load": c[-1]["max_mean_load"], "final_layer_mean": c[-1]["layer_mean"],
                       "final_loss": c[-1]["loss"], "curve": c} for name, c in curves.items()}
     for name, s in summary.items():
-        print(f"{name}: final max/mean {s['final_max_mean_load']:.2f}, below {TARGET} from step "
-              f"{s['settled_below_1.3_at']} on, final train loss {s['final_loss']:.3f}")
+        print(f"{name}: final max/mean {s['final_max_mean_load']:.2f} (worst layer) / {s['final_layer_mean']:.2f} "
+              f"(layer mean); below {TARGET} to the end from step {s['worst_layer_below_1.3_from']} (worst layer) / "
+              f"{s['layer_mean_below_1.3_from']} (layer mean); final train loss {s['final_loss']:.3f}")
     Path(args.output_dir, "moe_balance.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -10,7 +10,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.export import ExportError, export_checkpoint, native_target, to_native
-from core.moe import SmolForgeExperts, SmolForgeMoE, end_moe_step, expert_load, moe_layers, set_load_reduction
+from core.moe import SmolForgeExperts, end_moe_step, expert_load, moe_layers, set_load_reduction
 from conftest import VOCAB, perturb_
 from pretrain.monitor import Monitor, resolve_policies
 

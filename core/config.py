@@ -80,6 +80,22 @@ class SmolForgeConfig(PreTrainedConfig):
         heads share key heads as query heads share KV heads in GQA). linear_key_head_dim /
         linear_value_head_dim: per-head widths; the state per value head is key_dim x value_dim.
         linear_conv_kernel_dim: width of the depthwise causal conv over q, k and v (4, as Mamba-2).
+    Mixture of experts (issue 19, core/moe.py). num_experts: routed experts per MoE layer; 0 keeps the
+    dense SwiGLU MLP everywhere. num_experts_per_tok: experts each token is sent to (top-k token choice).
+    moe_intermediate_size: width of one expert; against num_experts it sets the granularity (many
+    small experts, as in DeepSeekMoE / Qwen3-MoE; k x moe_intermediate_size = intermediate_size keeps
+    the active MLP parameters of the dense model). first_k_dense_layers: the first k layers keep the
+    dense MLP (DeepSeek-V3's first_k_dense_replace: early layers route poorly). moe_router_scores:
+    "softmax" (Mixtral, Qwen-MoE) or "sigmoid" (DeepSeek-V3) expert scores. norm_topk_prob: rescale the
+    k chosen scores to sum to 1. shared_expert_intermediate_size: width of an always-on shared expert
+    with a sigmoid gate (Qwen2-MoE; several DeepSeek shared experts are one wider one); 0 = none.
+    moe_expert_share_group: consecutive MoE layers in groups of this size use one set of expert weights,
+    each layer keeping its own router (1 = no sharing). router_aux_loss_coef: weight of the
+    load-balancing loss (Switch / Qwen-MoE form), whose expert fractions f_i are counted over the
+    global batch, not per micro-batch (Qiu et al. 2025). router_z_loss_coef: weight of the router
+    z-loss (ST-MoE, Zoph et al. 2022). moe_bias_update_rate: aux-loss-free balancing (DeepSeek-V3): a
+    per-expert bias added to the scores for the choice of experts only, moved by this much against
+    the sign of each expert's load error after every optimizer step; 0 = off.
     """
 
     model_type = "smolforge"
@@ -147,6 +163,18 @@ class SmolForgeConfig(PreTrainedConfig):
     linear_key_head_dim: int = 32
     linear_value_head_dim: int = 32
     linear_conv_kernel_dim: int = 4
+    # --- MoE (issue 19) ---
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    first_k_dense_layers: int = 0
+    moe_router_scores: str = "softmax"
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    moe_expert_share_group: int = 1
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.kv_lora_rank and self.qk_rope_head_dim:
@@ -253,6 +281,38 @@ class SmolForgeConfig(PreTrainedConfig):
                 f"linear_num_key_heads={self.linear_num_key_heads} must divide linear_num_value_heads="
                 f"{self.linear_num_value_heads} (each key head serves a whole group of value heads)"
             )
+    def validate_moe(self):
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = dense MLP everywhere), got {self.num_experts}")
+        if self.num_experts == 0:
+            for name, off in (("first_k_dense_layers", 0), ("shared_expert_intermediate_size", 0),
+                              ("moe_expert_share_group", 1), ("router_aux_loss_coef", 0.0),
+                              ("router_z_loss_coef", 0.0), ("moe_bias_update_rate", 0.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(f"{name}={getattr(self, name)} only applies with num_experts > 0")
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.moe_intermediate_size is None or self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size}: set the width of one expert "
+                             f"(e.g. intermediate_size // num_experts_per_tok for the dense model's active size)")
+        if not 0 <= self.first_k_dense_layers < self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_layers={self.first_k_dense_layers} must be in [0, num_hidden_layers="
+                             f"{self.num_hidden_layers}) so that at least one layer is MoE")
+        if self.moe_router_scores not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_scores must be 'softmax' or 'sigmoid', got {self.moe_router_scores!r}")
+        if self.moe_expert_share_group < 1:
+            raise ValueError(f"moe_expert_share_group must be >= 1 (1 = every layer its own experts), "
+                             f"got {self.moe_expert_share_group}")
+        for name in ("shared_expert_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef",
+                     "moe_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def layer_is_moe(self, layer_idx: int) -> bool:
+        """MoE MLP in this layer (else the dense SwiGLU MLP): every layer after the first k dense ones."""
+        return self.num_experts > 0 and layer_idx >= self.first_k_dense_layers
 
     # --- derived quantities used by the HF model and the vLLM model alike ----------------------
 
@@ -326,3 +386,11 @@ PRESETS["tiny-hybrid"] = dict(
     linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32, linear_value_head_dim=40,
     linear_conv_kernel_dim=4,
 )
+# `tiny` with MoE MLPs at equal active parameters: 8 experts of 192, 2 per token = the dense 384 (the
+# router's 8 x 128 per layer aside), first layer dense. Balanced without an auxiliary loss, by the
+# DeepSeek-V3 bias, plus the ST-MoE router z-loss at its paper value 1e-3. The bias rate is 10x the paper's
+# 1e-3 (tuned for a 14.8T-token run): on the tiny recipe the routing collapses within 20 steps (every token
+# on 2 experts, 5 dead), and at 1e-3 max/mean load was still 2.4 after 150 steps, at 1e-2 about 1.3
+# (bench/moe_balance.py; measured 2026-11-26).
+PRESETS["tiny-moe"] = dict(PRESETS["tiny"], num_experts=8, num_experts_per_tok=2, moe_intermediate_size=192,
+                           first_k_dense_layers=1, moe_bias_update_rate=1e-2, router_z_loss_coef=1e-3)

@@ -1,4 +1,5 @@
-"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 / DeepseekV3 architectures.
+"""Convert between the core and transformers' own Llama / Qwen3 / SmolLM3 / DeepseekV3 architectures, and export an
+MoE core to Qwen3-MoE (or, with a shared expert, Qwen2-MoE).
 
 The core names its parameters as Llama does (and its MLA layers as DeepseekV3 does), so a conversion is
 a config translation plus a strict `load_state_dict`; the one re-layout is MLA's rope rows, which
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedConfig, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM, SmolLM3Config,
-                          SmolLM3ForCausalLM)
+                          PreTrainedConfig, PreTrainedModel, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 from .config import SmolForgeConfig
 from .mla import interleave_rope_rows
@@ -24,6 +25,8 @@ from .modeling import SmolForgeForCausalLM
 
 NATIVE = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
           "smollm3": (SmolLM3Config, SmolLM3ForCausalLM), "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM)}
+# Export targets only: the core's MoE (core/moe.py) stores its experts in these models' layout.
+NATIVE_MOE = {"qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM)}
 
 
 class ExportError(ValueError):
@@ -53,6 +56,8 @@ def native_target(config: SmolForgeConfig) -> str:
         return _deepseek_v3_target(config, has_nope)
     if config.qk_norm and has_nope:
         raise ExportError("qk_norm together with NoPE layers: Qwen3 has QK-norm but no NoPE layers, SmolLM3 the reverse")
+    if config.num_experts:
+        return native_moe_target(config, has_nope)
     if config.qk_norm:
         return "qwen3"
     return "smollm3" if has_nope else "llama"
@@ -65,10 +70,40 @@ def _deepseek_v3_target(config: SmolForgeConfig, has_nope: bool) -> str:
                 else f"no_rope_layer_interval={config.no_rope_layer_interval}")
         raise ExportError(f"{knob} with MLA (kv_lora_rank={config.kv_lora_rank}): DeepseekV3 rotates the rope "
                           "dims of every layer")
+    if config.num_experts:
+        # DeepseekV3's MoE routes by sigmoid scores within expert groups, with a routed scaling factor: a
+        # different router from the core's, so MLA exports with dense layers only.
+        raise ExportError(f"num_experts={config.num_experts} with MLA (kv_lora_rank={config.kv_lora_rank}): the core "
+                          "exports MLA to DeepseekV3 with dense layers only; its MoE router (expert groups, routed "
+                          "scaling) is not the core's")
     if "mscale_all_dim" in config.rope_parameters:
         raise ExportError("rope_parameters.mscale_all_dim with MLA: DeepseekV3 multiplies its softmax scale by "
                           "YaRN's mscale(mscale_all_dim)^2, which the core does not")
     return "deepseek_v3"
+
+
+def native_moe_target(config: SmolForgeConfig, has_nope: bool) -> str:
+    """Qwen3-MoE (QK-norm, no shared expert) or Qwen2-MoE (a sigmoid-gated shared expert, no QK-norm)."""
+    if has_nope:
+        raise ExportError("NoPE layers (position_embedding='none' / no_rope_layer_interval) with num_experts > 0: "
+                          "Qwen2-MoE and Qwen3-MoE put RoPE in every layer")
+    if config.moe_router_scores != "softmax":
+        raise ExportError(f"moe_router_scores={config.moe_router_scores!r}: Qwen-MoE routers use softmax scores")
+    if config.moe_bias_update_rate:
+        raise ExportError(f"moe_bias_update_rate={config.moe_bias_update_rate}: Qwen-MoE routers have no routing "
+                          "bias (DeepSeek-V3's has)")
+    if config.moe_expert_share_group != 1:
+        raise ExportError(f"moe_expert_share_group={config.moe_expert_share_group}: Qwen-MoE layers do not share "
+                          "experts")
+    if config.shared_expert_intermediate_size:
+        if config.qk_norm:
+            raise ExportError("qk_norm with shared_expert_intermediate_size > 0: Qwen2-MoE has the shared expert but no "
+                              "QK-norm, Qwen3-MoE the reverse")
+        return "qwen2_moe"
+    if not config.qk_norm:
+        raise ExportError("qk_norm=False with num_experts > 0 and no shared expert: Qwen3-MoE always has QK-norm, "
+                          "Qwen2-MoE always a shared expert")
+    return "qwen3_moe"
 
 
 def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
@@ -97,6 +132,17 @@ def native_config(config: SmolForgeConfig) -> PreTrainedConfig:
         # The RoPE parameters still matter for the RoPE layers; with NoPE everywhere they are unused.
     elif target == "llama":
         common["mlp_bias"] = False
+    elif target in NATIVE_MOE:
+        common.pop("attention_bias")  # Qwen-MoE configs: attention_bias (Qwen3) / qkv_bias (Qwen2)
+        common.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                      mlp_only_layers=list(range(config.first_k_dense_layers)), decoder_sparse_step=1,
+                      router_aux_loss_coef=config.router_aux_loss_coef)
+        if target == "qwen2_moe":
+            common.update(qkv_bias=False, shared_expert_intermediate_size=config.shared_expert_intermediate_size)
+        else:
+            common.update(attention_bias=False)
+        return NATIVE_MOE[target][0](**common)
     return NATIVE[target][0](**common)
 
 
@@ -194,7 +240,7 @@ def _convert(model: PreTrainedModel, config: PreTrainedConfig, cls: type[PreTrai
 
 def to_native(model: SmolForgeForCausalLM) -> PreTrainedModel:
     config = native_config(model.config)
-    return _convert(model, config, NATIVE[config.model_type][1])
+    return _convert(model, config, {**NATIVE, **NATIVE_MOE}[config.model_type][1])
 
 
 def from_native(model: PreTrainedModel) -> SmolForgeForCausalLM:

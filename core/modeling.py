@@ -35,6 +35,7 @@ from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
 from .mla import SmolForgeMLAttention
 from .ssm import SmolForgeGatedDeltaNet
+from .moe import SmolForgeExperts, SmolForgeMoE, SmolForgeRouter, router_losses, share_experts_between_layers
 
 
 def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
@@ -161,11 +162,12 @@ class SmolForgeAttention(nn.Module):
 
 
 class SmolForgeMLP(nn.Module):
-    def __init__(self, config: SmolForgeConfig, use_liger: bool):
+    def __init__(self, config: SmolForgeConfig, use_liger: bool, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size  # another width: MoE's shared expert
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.use_liger = use_liger
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +185,7 @@ class SmolForgeDecoderLayer(GradientCheckpointingLayer):
         else:
             attention = SmolForgeMLAttention if config.kv_lora_rank else SmolForgeAttention
             self.self_attn = attention(config, layer_idx, use_liger)
-        self.mlp = SmolForgeMLP(config, use_liger)
+        self.mlp = SmolForgeMoE(config, use_liger) if config.layer_is_moe(layer_idx) else SmolForgeMLP(config, use_liger)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
 
@@ -225,6 +227,13 @@ class SmolForgePreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, SmolForgeGatedDeltaNet):
             module.reset_ssm_parameters(std)
+        elif isinstance(module, SmolForgeRouter):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if hasattr(module, "e_score_correction_bias"):
+                nn.init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, SmolForgeExperts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SmolForgeRotaryEmbedding):
             # Buffers are not saved (persistent=False); recompute them when weights are
             # materialised from the meta device by from_pretrained.
@@ -241,6 +250,8 @@ class SmolForgeModel(SmolForgePreTrainedModel):
         self.layers = nn.ModuleList(
             [SmolForgeDecoderLayer(config, i, use_liger) for i in range(config.num_hidden_layers)]
         )
+        if config.moe_expert_share_group > 1:
+            share_experts_between_layers(self.layers, config)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_liger)
         self.rotary_emb = SmolForgeRotaryEmbedding(config) if config.position_embedding == "rope" else None
         self.gradient_checkpointing = False
@@ -307,9 +318,11 @@ class SmolForgeModel(SmolForgePreTrainedModel):
 
 @dataclass
 class SmolForgeCausalLMOutput(CausalLMOutputWithPast):
-    """`loss` includes the z-loss; `z_loss` is that term alone, for logging."""
+    """`loss` includes the z-loss and, training an MoE, the router losses; `z_loss` and `aux_loss` (the
+    weighted load-balancing and router z-losses together) are those terms alone, for logging."""
 
     z_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
 
 
 class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
@@ -339,7 +352,7 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
                              **kwargs)
         hidden = outputs.last_hidden_state  # (B, T, d)
         wants_loss = labels is not None or shift_labels is not None
-        logits = loss = z_loss = None
+        logits = loss = z_loss = aux_loss = None
         # Training with Liger on CUDA: fused linear + CE, logits never materialised (memory).
         fused = wants_loss and self.use_liger and hidden.is_cuda and self.training
         if not fused:
@@ -348,8 +361,23 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         if wants_loss:
             loss, z_loss = causal_lm_loss(hidden, self.lm_head, labels, shift_labels, self.config.z_loss_coefficient,
                                           num_items_in_batch, use_liger=fused, logits=logits)
-        return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss,
+            if self.training and self.config.num_experts and torch.is_grad_enabled():
+                aux_loss = self.router_loss(labels, shift_labels, num_items_in_batch)
+                loss = loss + aux_loss
+        return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss, aux_loss=aux_loss,
                                        past_key_values=outputs.past_key_values)
+
+    def router_loss(self, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,
+                    num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+        """The MoE router losses of this forward (core/moe.py), weighted like the token loss: with
+        `num_items_in_batch` (gradient accumulation) each micro-batch counts by its share of the step's
+        target tokens, so the step's micro-batches add up to one router loss."""
+        aux, z = router_losses(self.model)
+        loss = self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
+        if num_items_in_batch is not None:
+            targets = shift_labels if shift_labels is not None else labels[:, 1:]
+            loss = loss * (targets != -100).sum() / num_items_in_batch
+        return loss
 
 
 class SmolForgeForSequenceClassification(GenericForSequenceClassification, SmolForgePreTrainedModel):

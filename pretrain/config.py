@@ -87,6 +87,9 @@ class PretrainConfig:
     throughput_windows: int = _help("...for this many steps in a row (also the steps needed before it can fire).",
                                     default=10)
     data_stall_seconds: float = _help("Data stall: waiting longer than this for a batch.", default=30.0)
+    expert_collapse_ratio: float = _help("MoE routing collapse: busiest expert's load above this multiple of the mean "
+                                         "(1 = balanced), or any expert without a token, in the step's global batch.",
+                                         default=3.0)
     max_rollbacks: int = _help("Rollbacks allowed in one run before a rollback alert stops it instead.", default=3)
     log_sequence_ids: bool = _help("Write every consumed (source, row) to sequence_ids.jsonl, to audit the stream.",
                                    default=False)

@@ -22,6 +22,10 @@ takes the same decision and none is left waiting in a collective for a rank that
 - grad_explosion: gradient norm > factor x its EMA.
 - throughput_drop: tokens/s below a fraction of the running median for N steps in a row.
 - data_stall: waiting longer than a limit for the next batch.
+- expert_collapse (MoE, core/moe.py): in the worst MoE layer, over the step's global batch, the busiest
+  expert's load above `expert_collapse_ratio` x the mean, or an expert that got no token at all (dead).
+  Once per episode, like throughput_drop. Routing collapse is the classic MoE failure (Shazeer et al.
+  2017): a few experts get every token, the rest stop learning, and a quiet loss curve hides it.
 """
 
 import math
@@ -30,9 +34,9 @@ import statistics
 from core.alerts import Alert, AlertLog  # noqa: F401  (the shared alert record and log; re-exported)
 
 POLICIES = ("warn", "skip", "rollback", "stop")
-KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall")
+KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall", "expert_collapse")
 DEFAULT_POLICIES = {"nan": "skip", "loss_spike": "warn", "grad_explosion": "warn", "throughput_drop": "warn",
-                    "data_stall": "warn"}
+                    "data_stall": "warn", "expert_collapse": "warn"}
 # What an alert can do depends on when it is seen: step alerts come before the optimizer step,
 # throughput and data alerts only after it, when there is nothing left to skip.
 STEP_KINDS = ("nan", "loss_spike", "grad_explosion")
@@ -53,7 +57,7 @@ def resolve_policies(overrides: dict) -> dict[str, str]:
 class Monitor:
     def __init__(self, *, spike_sigma: float, spike_warmup: int, ema_beta: float, grad_factor: float,
                  throughput_fraction: float, throughput_windows: int, data_stall_seconds: float,
-                 spike_window: int = 50):
+                 spike_window: int = 50, expert_collapse_ratio: float = 3.0):
         self.spike_sigma, self.spike_warmup, self.beta = spike_sigma, spike_warmup, ema_beta
         self.spike_window = spike_window
         self.recent_losses: list[float] = []
@@ -64,6 +68,9 @@ class Monitor:
         self.seen = 0
         self.throughputs: list[float] = []
         self.slow_windows = 0
+        self.expert_collapse_ratio = expert_collapse_ratio
+        # Not in COUNTERS: a run resumed inside a collapse episode reports it once more, which is harmless.
+        self.collapsed = False
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> list[Alert]:
         """Alerts about a step's loss and gradient, before its update is applied."""
@@ -108,6 +115,20 @@ class Monitor:
             return [Alert(step, "data_stall", f"waited {seconds:.2f}s for the next batch", seconds,
                           self.data_stall_seconds)]
         return []
+
+    def check_expert_load(self, step: int, load: dict) -> list[Alert]:
+        """`load`: core.moe.expert_load of the step (empty for a dense model)."""
+        if not load:
+            return []
+        ratio, dead = load["moe/max_mean_load"], load["moe/dead_experts"]
+        collapsed = ratio > self.expert_collapse_ratio or dead > 0
+        alerts = []
+        if collapsed and not self.collapsed:
+            alerts.append(Alert(step, "expert_collapse", f"expert load max/mean {ratio:.2f} (limit "
+                                f"{self.expert_collapse_ratio}), {dead} of {load['moe/num_experts']} experts got no "
+                                "token", ratio, self.expert_collapse_ratio))
+        self.collapsed = collapsed
+        return alerts
 
     # What a checkpoint keeps: the running statistics only. The thresholds come from the recipe, so
     # a resumed run with changed thresholds uses the new ones (issue 11).

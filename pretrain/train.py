@@ -44,6 +44,7 @@ from core.faults import fault, kill_if
 from core.kernels import RMSNorm
 from core.mla import mla_flop_terms
 from core.metrics import MetricsWriter
+from core.moe import end_moe_step, expert_load, set_load_reduction
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import DataSourceError, SourceSpec, data_identity
 from core.ssm import SmolForgeGatedDeltaNet
@@ -135,8 +136,13 @@ def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
     else:
         attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
         attn_width = 2 * config.num_attention_heads * config.head_dim
-    mlp = 3 * d * config.intermediate_size
-    n = L * (attn + mlp) + d * config.vocab_size
+    # An MoE layer counts its active parameters only: router, the k chosen experts, the shared expert.
+    is_moe = config.layer_is_moe if isinstance(config, SmolForgeConfig) else (lambda layer_idx: False)
+    moe = (d * config.num_experts + 3 * d * config.num_experts_per_tok * (config.moe_intermediate_size or 0)
+           + (3 * d * config.shared_expert_intermediate_size + d if config.shared_expert_intermediate_size else 0)
+           if isinstance(config, SmolForgeConfig) else 0)
+    mlp = sum(moe if is_moe(i) else 3 * d * config.intermediate_size for i in range(L))
+    n = L * attn + mlp + d * config.vocab_size
     return 6 * n + 6 * L * attn_width * seq_len
 
 
@@ -278,7 +284,7 @@ def build_monitor(cfg: PretrainConfig) -> Monitor:
     return Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
                    grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
                    throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
-                   spike_window=cfg.spike_window)
+                   spike_window=cfg.spike_window, expert_collapse_ratio=cfg.expert_collapse_ratio)
 
 
 # --- the steps of the loop ----------------------------------------------------------------------------
@@ -292,6 +298,8 @@ class StepResult:
     seconds: float  # the slowest rank's compute time
     data_wait: float  # the slowest rank's wait for data
     rows: list[tuple[int, int]]  # (source, row) of every sample of the step, all ranks
+    aux_loss: float = 0.0  # MoE router losses (load balancing + router z-loss), included in `loss`
+    expert_load: dict = field(default_factory=dict)  # core.moe.expert_load over the global batch
 
 
 def poison_rows(r: Run, micro_batches: list[dict], step_rows: list) -> None:
@@ -323,6 +331,7 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     items = n_global / acc.num_processes  # per-rank share: DDP/FSDP average gradients over ranks
     loss_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
     nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
     for i, mb in enumerate(micro_batches):
         with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast():
@@ -335,18 +344,22 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
         acc.backward(loss)
         loss_sum += loss.detach()
         z_sum += o.z_loss.detach()
+        if o.aux_loss is not None:
+            aux_sum += o.aux_loss.detach()
     grad_norm = r.parallel.clip_grad_norm(r.cfg.max_grad_norm or float("inf"))
     # One reduction for every value an alert decision reads, so all ranks decide alike: the global
     # loss, a non-finite flag from any rank, and the slowest rank's timings (issue 11).
-    local = torch.tensor([loss_sum.item(), z_sum.item(), float(not math.isfinite(loss_sum.item() + grad_norm))],
-                         device=device, dtype=torch.float64)
-    loss, z, bad = (acc.reduce(local, "sum") / torch.tensor([acc.num_processes, acc.num_processes, 1.0],
-                                                             device=device, dtype=torch.float64)).tolist()
+    local = torch.tensor([loss_sum.item(), z_sum.item(), aux_sum.item(),
+                          float(not math.isfinite(loss_sum.item() + grad_norm))], device=device, dtype=torch.float64)
+    world = acc.num_processes
+    loss, z, aux, bad = (acc.reduce(local, "sum") / torch.tensor([world, world, world, 1.0], device=device,
+                                                                  dtype=torch.float64)).tolist()
     timing = torch.tensor([time.perf_counter() - started, data_wait], device=device, dtype=torch.float64)
     if acc.num_processes > 1:
         torch.distributed.all_reduce(timing, torch.distributed.ReduceOp.MAX)
     seconds, data_wait = timing.tolist()
-    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows)
+    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows, aux,
+                      expert_load(r.model))
 
 
 def apply_alert_policy(r: Run, result: StepResult) -> str:
@@ -387,6 +400,15 @@ def check_speed(r: Run, result: StepResult) -> None:
             raise TrainingStopped(f"stopped at step {done} by alert {a.kind} (see alerts.jsonl)")
 
 
+def check_expert_load(r: Run, result: StepResult) -> None:
+    """MoE routing collapse (after the update: it can only warn or stop)."""
+    for a in r.monitor.check_expert_load(r.step, result.expert_load):
+        a.action = r.policies[a.kind]
+        r.alerts.emit(a)
+        if a.action == "stop":
+            raise TrainingStopped(f"stopped at step {r.step} by alert {a.kind} (see alerts.jsonl)")
+
+
 def per_source_losses(r: Run, micro_batches: list[dict]) -> dict[str, float]:
     """Training loss of each source on this step's rows. Only at logging steps: an extra fp32
     cross-entropy over the logits on every micro-batch would cost time for a number nobody reads."""
@@ -407,11 +429,13 @@ def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches
     """A log line every logging_steps: HF's names (loss = window mean, learning_rate, grad_norm,
     num_tokens) and ours, to metrics.jsonl, the trackers and the console."""
     done, w = r.step, r.window
-    w.loss_sum, w.steps, w.tokens = w.loss_sum + result.loss - result.z_loss, w.steps + 1, w.tokens + result.tokens
+    w.loss_sum = w.loss_sum + result.loss - result.z_loss - result.aux_loss
+    w.steps, w.tokens = w.steps + 1, w.tokens + result.tokens
     if done % r.cfg.logging_steps and done != r.cfg.max_steps:
         return
     tokens_per_s = w.tokens / (time.perf_counter() - w.started)
-    r.last = {"loss": w.loss_sum / w.steps, "z_loss": result.z_loss, "grad_norm": result.grad_norm,
+    r.last = {"loss": w.loss_sum / w.steps, "z_loss": result.z_loss, **({"aux_loss": result.aux_loss,
+              **result.expert_load} if result.expert_load else {}), "grad_norm": result.grad_norm,
               "learning_rate": lr, "num_tokens": done * r.tokens_per_step,
               "param_norm": r.parallel.parameter_norm(), "skipped": skipped, "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s / r.accelerator.num_processes * r.flops_per_token / r.peak,
@@ -530,6 +554,8 @@ def run(cfg: PretrainConfig) -> dict:
     # Stepped by us once per optimizer step (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(loader)
+    if accelerator.num_processes > 1:  # MoE: expert counts over the global batch (core/moe.py)
+        set_load_reduction(parallel.model, lambda t: accelerator.reduce(t, "sum"))
     peak, peak_source = peak_flops(cfg)
     recipe = resolved_recipe(cfg)
     r = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, names=[s.name for s in specs],
@@ -560,6 +586,7 @@ def run(cfg: PretrainConfig) -> dict:
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         if action == "rollback":
             parallel.optimizer.zero_grad(set_to_none=True)
+            end_moe_step(parallel.model, update_bias=False)
             rollback(r, result)
             data_iter, progress.n = iter(loader), r.step
             continue
@@ -568,10 +595,12 @@ def run(cfg: PretrainConfig) -> dict:
             r.monitor.accept_step(result.loss, result.grad_norm)
         scheduler.step()  # a skipped step advances the schedule too
         parallel.optimizer.zero_grad(set_to_none=True)
+        end_moe_step(parallel.model, update_bias=action != "skip")  # DeepSeek-V3's bias follows applied steps
         r.step += 1
         progress.update(1)
         check_speed(r, result)
         log_step(r, result, lr, action == "skip", micro_batches)
+        check_expert_load(r, result)  # after the log line, so a run it stops has the collapsed load logged
         if r.step % cfg.eval_steps == 0 or r.step == cfg.max_steps:
             evaluate_and_adapt(r)
         if r.step % cfg.save_steps == 0 or r.step == cfg.max_steps:

@@ -44,6 +44,8 @@ def test_the_reason_names_the_field_and_the_vllm_model_refuses_it():
         check_servable(config)
     with pytest.raises(ValueError, match="layer_types has 'linear_attention' layers"):
         check_servable(SmolForgeConfig.from_preset("tiny-hybrid"))
+    with pytest.raises(ValueError, match="num_experts=8: "):
+        check_servable(SmolForgeConfig.from_preset("tiny-moe"))
 
 
 def test_generate_vllm_refuses_before_starting_an_engine(mla_checkpoint):

@@ -59,6 +59,12 @@ UNSERVABLE: list[tuple[str, Callable, Callable]] = [
                 f"{c.kv_lora_rank + c.qk_rope_head_dim} fails with 'Head dimension "
                 f"{c.kv_lora_rank + c.qk_rope_head_dim} is not supported by MLA.' unless it is 576, which runs but "
                 f"does not give generate's greedy tokens)")),
+    # MoE (issue 19): the plugin's vLLM model has no MoE layer. vLLM's own Qwen3-MoE does run on these CPUs and
+    # gives `generate`'s greedy tokens (bench/vllm_blocks.py --block moe), so a core MoE that exports to it
+    # (`python -m core.export`) is served by vLLM under that name.
+    ("num_experts", lambda c: c.num_experts > 0,
+     lambda c: (f"num_experts={c.num_experts}: the plugin's vLLM model (core/vllm/model.py) has no MoE layer; export "
+                "the checkpoint to Qwen3-MoE / Qwen2-MoE (python -m core.export) to serve it with vLLM's own MoE")),
     # Hybrid (issue 19): the plugin's vLLM model has no gated delta-net layer. vLLM's own one (Qwen3-Next's
     # `qwen_gdn_linear_attn`, which has a CPU path in 0.31) comes only inside Qwen3-Next, whose attention layers
     # (output gate, partial rotary) and MoE MLPs the core does not match, so `core.export` refuses it too.

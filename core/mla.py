@@ -40,19 +40,6 @@ from .kernels import RMSNorm, apply_rope
 LATENT_NORM_EPS = 1e-6
 
 
-def mla_eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
-    """Softmax attention for MLA: every head already has its own key and value (expanded from the latent), so
-    there are no KV groups to repeat, and the value width (v_head_dim) may differ from the query/key width."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, nh, dv)
-    return out, probs
-
-
 class SmolForgeMLAttention(nn.Module):
     def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
         super().__init__()
@@ -106,8 +93,12 @@ class SmolForgeMLAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # (B, nh, S, dn+dr)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, dn+dr)
 
+        # The core's eager attention serves MLA as is: num_key_value_groups = 1 repeats nothing, and it never
+        # assumes the value width equals the query/key width. Imported here: core.modeling imports this module.
+        from .modeling import eager_attention_forward
+
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, mla_eager_attention_forward
+            self.config._attn_implementation, eager_attention_forward
         )
         out, weights = attention_interface(
             self, q, k, v, attention_mask,

@@ -118,6 +118,26 @@ def perturb_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.n
     return model
 
 
+def assert_trains_every_parameter(model: torch.nn.Module, vocab_size: int, steps: int = 3) -> list[float]:
+    """A few AdamW steps on random tokens change every parameter and lower the loss (TRL's test habit: a
+    parameter left out of the graph, or a block whose output is dropped, shows up here). Returns the losses."""
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, vocab_size, (4, 32))
+    losses = []
+    for _ in range(steps):
+        out = model(x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+    assert losses[-1] < losses[0]
+    return losses
+
+
 def tiny_model(seed: int = 0, **overrides) -> SmolForgeForCausalLM:
     torch.manual_seed(seed)
     return perturb_(SmolForgeForCausalLM(tiny_config(**overrides)), seed=seed).eval()

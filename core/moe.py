@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import TrainerCallback
 
 from .config import SmolForgeConfig
 from .kernels import swiglu
@@ -229,3 +230,13 @@ def end_moe_step(model: nn.Module, update_bias: bool = True) -> None:
         if update_bias and bias is not None and m.step_counts is not None:
             bias += m.config.moe_bias_update_rate * torch.sign(m.step_counts.mean() - m.step_counts).to(bias)
         m.step_counts, m.step_tokens = None, 0.0
+
+
+class MoEStepCallback(TrainerCallback):
+    """What pretraining's loop does after each optimizer step (`end_moe_step`), for the stages built on
+    transformers' Trainer (SFT, preference, GRPO, distillation, reward models): without it the expert counts
+    behind the global-batch aux loss would accumulate over the whole run, and the routing bias never move.
+    `on_step_end` runs once per optimizer step, after the gradient-accumulation micro-batches."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        end_moe_step(model)

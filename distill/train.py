@@ -55,6 +55,7 @@ from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_po
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
 from core.metrics import MetricsCallback
+from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.vllm import use_vllm_for
 from core.vllm.client import TimedVLLMClient
@@ -304,7 +305,7 @@ def run(cfg: DistillConfig) -> dict:
     teacher_init_kwargs, cfg.teacher_model_init_kwargs = cfg.teacher_model_init_kwargs, None
     trainer = DistillTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=train_dataset,
                              processing_class=tokenizer, teacher_client=teacher_client,
-                             callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
+                             callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
     cfg.teacher_model_init_kwargs = teacher_init_kwargs
     accelerator = trainer.accelerator
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ import core  # noqa: F401  (registers the smolforge model type with the Auto cla
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
+from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
@@ -149,7 +150,7 @@ def prepare(cfg: PreferenceConfig) -> PreparedRun:
         trainer_kwargs["ref_model"] = copy.deepcopy(model).eval().requires_grad_(False)
     trainer = TRAINERS[cfg.method](
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-        peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()], **trainer_kwargs)
+        peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()], **trainer_kwargs)
     loss = "" if cfg.method == "orpo" else f", loss_type {cfg.loss_type}" + (
         f" weights {cfg.loss_weights}" if cfg.loss_weights else "")
     summary = (f"preference: method {cfg.method}{loss}, beta {cfg.beta}; {trainer.accelerator.num_processes} "

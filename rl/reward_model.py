@@ -56,6 +56,7 @@ import core  # noqa: F401  (registers the smolforge model type with the Auto cla
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
+from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import labelled_rows
 from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
@@ -231,7 +232,7 @@ def run(cfg: RewardModelConfig) -> dict:
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                             processing_class=tokenizer, peft_config=lora_config(cfg, "SEQ_CLS"),
-                            callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
+                            callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
     accelerator = trainer.accelerator
     out.mkdir(parents=True, exist_ok=True)
     accelerator.print(

@@ -49,6 +49,7 @@ from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompt
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
 from core.metrics import MetricsCallback
+from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
 from core.trainer_defaults import lora_config
 from core.vllm import use_vllm_for
@@ -200,7 +201,7 @@ def run(cfg: GRPOConfig) -> dict:
     reward_funcs = build_rewards(names, reward_kwargs) + build_reward_models(reward_models)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=cfg,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback()])
+                          peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
     accelerator = trainer.accelerator
     if trainer.is_fsdp_enabled and cfg.use_peft:
         raise ValueError("use_peft with FSDP: the gathered weights would be the adapter model's; train LoRA with DDP")

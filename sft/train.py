@@ -39,6 +39,7 @@ from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_po
 from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.metrics import MetricsCallback
+from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
 
 from .config import SFTConfig
@@ -137,7 +138,7 @@ def run(cfg: SFTConfig) -> dict:
     # (keep_start), and with packing bfd truncates each row to max_length.
     train_dataset = Dataset.from_list(rows)
 
-    callbacks = [MetricsCallback(cfg.output_dir), FaultCallback()]
+    callbacks = [MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()]
 
     rates_before = None
     if cfg.generation_eval:

@@ -10,7 +10,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.export import ExportError, export_checkpoint, native_target, to_native
-from core.moe import SmolForgeExperts, end_moe_step, expert_load, moe_layers, set_load_reduction
+from core.moe import MoEStepCallback, SmolForgeExperts, end_moe_step, expert_load, moe_layers, set_load_reduction
 from conftest import VOCAB, perturb_
 from pretrain.monitor import Monitor, resolve_policies
 
@@ -176,6 +176,33 @@ def test_bias_update_rule_and_that_bias_only_picks_experts():
     assert (idx.sort(-1).values == torch.tensor([6, 7])).all()
     expected = scores[:, 6:] / scores[:, 6:].sum(-1, keepdim=True)
     torch.testing.assert_close(w.sort(-1).values, expected.sort(-1).values)
+
+
+def test_trainer_stages_end_each_optimizer_steps_count_and_move_the_bias(tmp_path):
+    """The TRL stages train through transformers' Trainer: MoEStepCallback ends the expert count after every
+    optimizer step (so the aux loss's f_i is one step's global batch, not the whole run's) and moves the bias."""
+    from transformers import Trainer, TrainingArguments
+
+    model = moe_model(moe_bias_update_rate=0.1)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, VOCAB, (8, 16))]
+    seen, biases = [], []
+
+    class Spy(MoEStepCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append(sum(m.step_tokens for m in moe_layers(model)) / len(moe_layers(model)))
+            super().on_step_end(args, state, control, model=model, **kwargs)
+            biases.append([m.gate.e_score_correction_bias.clone() for m in moe_layers(model)])
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=2, learning_rate=1e-3, report_to="none", save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Spy()]).train()
+    assert seen == [64.0, 64.0]  # 2 micro-batches x 2 rows x 16 tokens per optimizer step, counted afresh each step
+    assert all(m.step_counts is None for m in moe_layers(model))
+    # After the first step every layer's bias moved by the rate, against its load error.
+    for bias in biases[0]:
+        assert bias.abs().sum() > 0
+        torch.testing.assert_close(bias.abs(), torch.where(bias == 0, 0.0, 0.1))
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no grouped GEMM")

@@ -67,9 +67,10 @@ class PretrainConfig:
     report_to: list[str] = _help("Remote trackers, through accelerate (log_with): tensorboard, wandb (offline unless "
                                  "WANDB_MODE says otherwise), ..., all or none. output_dir/metrics.jsonl is always "
                                  "written (core/metrics.py).", default_factory=lambda: ["none"])
-    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 dense bf16), "
-                                     "on CPU the fp32 / bf16 matmul peak measured here (shared/FACTS.md). The log "
-                                     "says which peak it uses.", default=None)
+    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: core/infra/devices.py's figure for "
+                                     "this device and dtype (bf16 when bf16 is on, else fp32): the datasheet for a "
+                                     "known GPU (H100, H200, A100), a matmul measured at start on a CPU or an unknown "
+                                     "GPU. The log says which peak it uses.", default=None)
     preflight: bool = _help("Run the preflight checks only, print them, and exit.", default=False)
     skip_preflight: bool = _help("Do not run the preflight checks before training.", default=False)
 

@@ -54,7 +54,8 @@ class PretrainConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
     bf16: bool = _help("bf16 autocast (on CPU too: about 2x faster for a 25M model here, slower for the tiny "
                        "preset; shared/FACTS.md).", default=False)
-    torch_compile: bool = _help("torch.compile the model.", default=False)
+    torch_compile: bool = _help("torch.compile each decoder block (core/kernels.py:compile_blocks; inductor).",
+                                default=False)
     seed: int = _help("Seed of the init (same on every rank) and of the data order.", default=0)
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------

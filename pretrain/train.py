@@ -41,6 +41,7 @@ from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_finger
 from core.faults import active_faults, kill_if
 from core.infra import devices
 from core.infra.flops import flops_per_token
+from core.kernels import compile_blocks
 from core.metrics import MetricsWriter
 from core.optim import parameter_groups
 from core.recipe import parse_recipe, resolved_recipe
@@ -491,7 +492,7 @@ def run(cfg: PretrainConfig) -> dict:
     model = build_model(cfg, tokenizer)
     entropy = unigram_entropy(sources, stream.schedule.stages[0][1], model.config.vocab_size)
     if cfg.torch_compile:
-        model.compile()  # in place, so parameter names and FSDP wrapping are unaffected
+        compile_blocks(model)  # per decoder block, in place (core/kernels.py says why)
     parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
         parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon))

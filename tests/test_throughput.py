@@ -100,3 +100,18 @@ def test_faults_are_read_once_and_absent_in_a_normal_run(monkeypatch):
     assert active_faults() == {}
     monkeypatch.setenv("SMOLFORGE_FAULT", "nan_at_step:3:1,poison_step:9")
     assert active_faults() == {"nan_at_step": "3:1", "poison_step": "9"}
+
+
+def test_bf16_autocast_keeps_the_loss_and_the_residual_stream_in_fp32():
+    """What `bf16: true` runs (accelerate's autocast, on CPU too): matmuls in bf16, while the loss (fp32
+    logits into the cross-entropy), the norms (RMSNorm in fp32) and the residual stream (fp32 embeddings
+    plus bf16 branch outputs promote to fp32) stay fp32, and the weights stay fp32 master copies."""
+    model, batch = tiny_model(z_loss_coefficient=1e-4), packed_batch()
+    with torch.no_grad():
+        fp32 = model(**batch, return_token_loss=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+            bf16 = model(**batch, return_token_loss=True)
+    assert bf16.logits.dtype == torch.bfloat16  # the head's matmul ran in bf16
+    assert hidden.dtype == bf16.loss.dtype == bf16.z_loss.dtype == bf16.token_loss.dtype == torch.float32
+    torch.testing.assert_close(bf16.loss, fp32.loss, rtol=2e-2, atol=0)

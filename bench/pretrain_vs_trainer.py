@@ -12,9 +12,10 @@ and betas, the same scheduler object type, clipping at 1.0, bf16 autocast or fp3
 and all); preflight is off (a one-off check before the first step).
 
 Timing: the steps after the first `--warmup` (which absorb compilation, allocator growth and the first
-log), from the end of step `warmup` to the end of the last step, on both sides; checkpoints are written
-after that (ours at max_steps, Trainer's save_strategy "no"). Our side reads it from its log windows in
-metrics.jsonl, Trainer's from a callback. The two alternate (order flipped every round and configuration)
+log), from the end of step `warmup` to the end of the last step, on both sides, in wall time and in this
+process's CPU time (steadier on a shared machine); checkpoints are written after that (ours at
+max_steps, Trainer's save_strategy "no"). Both are clocked at the end of every step: ours after its
+update and log line (a wrapper around pretrain.train.log_step), Trainer's by a callback. The two alternate (order flipped every round and configuration)
 so a busy machine hits both alike; the ratio is the median of ours over the median of Trainer's.
 With --compile each side also runs compiled (our `torch_compile`, Trainer's `torch_compile`): the speed-up
 over eager and the compile time (the warm-up's extra wall time) are printed. Not part of the test run.
@@ -35,7 +36,8 @@ from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.optim import parameter_groups
 from pretrain.config import PretrainConfig
 from pretrain.tokenizer import sample_sources, train_tokenizer
-from pretrain.train import build_data, build_scheduler, run
+import pretrain.train
+from pretrain.train import build_data, build_scheduler
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
@@ -58,22 +60,43 @@ def recipe(preset: str, bf16: bool, compile: bool, steps: int, warmup: int, work
         skip_preflight=True)
 
 
-def ours(cfg: PretrainConfig, warmup: int) -> tuple[float, float]:
-    """(tokens/s after the warm-up, seconds of the warm-up) from our loop's own log windows."""
-    run(cfg)
-    lines = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    windows = [x for x in lines if "tokens_per_s" in x]
-    tokens_per_window = warmup * cfg.per_device_train_batch_size * cfg.max_length
-    timed = [tokens_per_window / w["tokens_per_s"] for w in windows[1:]]
-    return len(timed) * tokens_per_window / sum(timed), tokens_per_window / windows[0]["tokens_per_s"]
+def clocks() -> tuple[float, float]:
+    """Wall time, and this process's CPU time: on a machine shared with other jobs the CPU time of a
+    single-threaded run is the steadier measure (it does not count the time other processes held the core)."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(ends: list[tuple[float, float]], warmup: int, tokens_per_step: int) -> tuple[float, float, float]:
+    """(tokens/s wall, tokens per CPU-second, warm-up seconds) from the clocks at the end of every step
+    (ends[0]: before the run's setup)."""
+    steps = len(ends) - 1 - warmup
+    return (steps * tokens_per_step / (ends[-1][0] - ends[warmup][0]),
+            steps * tokens_per_step / (ends[-1][1] - ends[warmup][1]), ends[warmup][0] - ends[0][0])
+
+
+def ours(cfg: PretrainConfig, warmup: int) -> tuple[float, float, float]:
+    """Our loop, clocked at the end of every step (after its update and log line), as Trainer is below."""
+    ends = [clocks()]
+    log_step = pretrain.train.log_step
+
+    def clocked_log_step(*args, **kwargs):
+        log_step(*args, **kwargs)
+        ends.append(clocks())
+
+    pretrain.train.log_step = clocked_log_step  # run() looks it up at every step
+    try:
+        pretrain.train.run(cfg)
+    finally:
+        pretrain.train.log_step = log_step
+    return rates(ends, warmup, cfg.per_device_train_batch_size * cfg.max_length)
 
 
 class StepClock(TrainerCallback):
     def __init__(self):
-        self.ends: list[float] = [time.perf_counter()]
+        self.ends = [clocks()]
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
+        self.ends.append(clocks())
 
 
 class SequentialTrainer(Trainer):
@@ -87,8 +110,8 @@ def collate(rows: list[dict]) -> dict:
     return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "position_ids", "labels")}
 
 
-def trainer(cfg: PretrainConfig, warmup: int) -> tuple[float, float]:
-    """The same run through transformers.Trainer: (tokens/s after the warm-up, seconds of the warm-up)."""
+def trainer(cfg: PretrainConfig, warmup: int) -> tuple[float, float, float]:
+    """The same run through transformers.Trainer, clocked at the end of every step."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path)
@@ -112,9 +135,7 @@ def trainer(cfg: PretrainConfig, warmup: int) -> tuple[float, float]:
     clock = StepClock()
     SequentialTrainer(model=model, args=args, train_dataset=rows, data_collator=collate,
                       optimizers=(optimizer, build_scheduler(cfg, optimizer)), callbacks=[clock]).train()
-    ends = clock.ends
-    tokens_per_step = cfg.per_device_train_batch_size * cfg.max_length
-    return (len(ends) - 1 - warmup) * tokens_per_step / (ends[-1] - ends[warmup]), ends[warmup] - ends[0]
+    return rates(clock.ends, warmup, cfg.per_device_train_batch_size * cfg.max_length)
 
 
 def main() -> None:
@@ -125,6 +146,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="timed optimizer steps (a multiple of --warmup)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first; also the logging interval")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each side per configuration, alternating")
+    parser.add_argument("--sides", nargs="+", default=["ours", "trainer"], choices=["ours", "trainer"],
+                        help="which loops to run (ours alone: the compile speed-up of our loop)")
     parser.add_argument("--work_dir", default=None, help="where runs write (default: a temporary directory)")
     args = parser.parse_args()
     if args.steps % args.warmup:
@@ -138,25 +161,31 @@ def main() -> None:
     for preset in args.presets:
         for dtype in args.dtypes:
             for compile in ([False, True] if args.compile else [False]):
-                runs = {"ours": [], "trainer": []}
-                warm = {"ours": [], "trainer": []}
+                runs = {side: [] for side in args.sides}
+                cpu = {side: [] for side in args.sides}
+                warm = {side: [] for side in args.sides}
                 for r in range(args.rounds):
-                    for side in (("trainer", "ours") if flip else ("ours", "trainer")):
+                    for side in (args.sides[::-1] if flip else args.sides):
                         name = f"{preset}-{dtype}-{'compiled' if compile else 'eager'}-{side}-{r}"
                         AcceleratorState._reset_state(reset_partial_state=True)  # bf16 or not, per run
                         cfg = recipe(preset, dtype == "bf16", compile, args.steps, args.warmup, work, tokenizer, name)
-                        tps, warmup_s = (ours if side == "ours" else trainer)(cfg, args.warmup)
+                        tps, cpu_tps, warmup_s = (ours if side == "ours" else trainer)(cfg, args.warmup)
                         runs[side].append(tps)
+                        cpu[side].append(cpu_tps)
                         warm[side].append(warmup_s)
-                        print(f"  {name}: {tps:,.0f} tokens/s (warm-up {warmup_s:.1f} s)", flush=True)
+                        print(f"  {name}: {tps:,.0f} tokens/s, {cpu_tps:,.0f} tokens per CPU-second "
+                              f"(warm-up {warmup_s:.1f} s)", flush=True)
                     flip = not flip
                 row = {"preset": preset, "dtype": dtype, "compile": compile, "batch": "x".join(map(str, SHAPES[preset])),
-                       "threads": torch.get_num_threads(),
-                       "ours_tokens_per_s": round(statistics.median(runs["ours"]), 1),
-                       "trainer_tokens_per_s": round(statistics.median(runs["trainer"]), 1),
-                       "ours_warmup_s": round(statistics.median(warm["ours"]), 1),
-                       "trainer_warmup_s": round(statistics.median(warm["trainer"]), 1)}
-                row["ratio_ours_over_trainer"] = round(row["ours_tokens_per_s"] / row["trainer_tokens_per_s"], 3)
+                       "threads": torch.get_num_threads()}
+                for side in args.sides:
+                    row[f"{side}_tokens_per_s"] = round(statistics.median(runs[side]), 1)
+                    row[f"{side}_tokens_per_cpu_s"] = round(statistics.median(cpu[side]), 1)
+                    row[f"{side}_warmup_s"] = round(statistics.median(warm[side]), 1)
+                if len(args.sides) == 2:
+                    row["ratio_ours_over_trainer"] = round(row["ours_tokens_per_s"] / row["trainer_tokens_per_s"], 3)
+                    row["cpu_ratio_ours_over_trainer"] = round(row["ours_tokens_per_cpu_s"] /
+                                                               row["trainer_tokens_per_cpu_s"], 3)
                 results.append(row)
                 print(json.dumps(row), flush=True)
     if args.compile:
@@ -164,11 +193,13 @@ def main() -> None:
         for r in results:
             if r["compile"]:
                 e = eager[(r["preset"], r["dtype"])]
-                print(json.dumps({"preset": r["preset"], "dtype": r["dtype"],
-                                  "compile_speedup_ours": round(r["ours_tokens_per_s"] / e["ours_tokens_per_s"], 3),
-                                  "compile_speedup_trainer": round(r["trainer_tokens_per_s"] / e["trainer_tokens_per_s"], 3),
-                                  "compile_time_s_ours": round(r["ours_warmup_s"] - e["ours_warmup_s"], 1),
-                                  "compile_time_s_trainer": round(r["trainer_warmup_s"] - e["trainer_warmup_s"], 1)}))
+                summary = {"preset": r["preset"], "dtype": r["dtype"]}
+                for side in args.sides:
+                    summary[f"compile_speedup_{side}"] = round(r[f"{side}_tokens_per_s"] / e[f"{side}_tokens_per_s"], 3)
+                    summary[f"compile_cpu_speedup_{side}"] = round(r[f"{side}_tokens_per_cpu_s"] /
+                                                                   e[f"{side}_tokens_per_cpu_s"], 3)
+                    summary[f"compile_time_s_{side}"] = round(r[f"{side}_warmup_s"] - e[f"{side}_warmup_s"], 1)
+                print(json.dumps(summary))
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(f"results in {work / 'results.json'}")
 

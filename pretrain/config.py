@@ -53,7 +53,7 @@ class PretrainConfig:
     warmup_steps: int = _help("Linear warmup steps.", default=20)
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
     bf16: bool = _help("bf16 autocast (on CPU too) for the matmuls; weights, loss, norms and the residual stream stay "
-                       "fp32. Faster here from the tiny preset up (1.3x per CPU-second at tiny, 1.9x wall at 135M; "
+                       "fp32. Faster here from the tiny preset up (1.3x per CPU-second at tiny, 1.3-1.8x wall at 135M; "
                        "bench/pretrain_vs_trainer.py, issue 22).", default=False)
     torch_compile: bool = _help("torch.compile each decoder block (core/kernels.py:compile_blocks; inductor).",
                                 default=False)

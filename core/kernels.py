@@ -98,13 +98,22 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor | None,
                    shift_labels: torch.Tensor | None, z_loss_coefficient: float,
                    num_items_in_batch: int | torch.Tensor | None, use_liger: bool,
-                   logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy plus z-loss, returned as (loss including z-loss, z-loss term).
+                   logits: torch.Tensor | None = None,
+                   token_losses: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Next-token cross-entropy plus z-loss, returned as (loss including z-loss, z-loss term, per-token
+    cross-entropy or None).
 
     Normalised by `num_items_in_batch` when the trainer passes it (the count of target tokens over
     all gradient-accumulation micro-batches), otherwise by this batch's target tokens: that is what
     makes accumulation over uneven micro-batches equal to one big batch (transformers' GA fix).
     With Liger on CUDA, logits are never materialised (`logits` is then None).
+
+    `token_losses=True` also returns the detached per-token cross-entropy, shaped like the targets (0 where
+    a target is ignored), computed once and summed for the loss, so a trainer can split the loss by data
+    source without a second cross-entropy over the logits (issue 22). The gradient is the same as with
+    reduction="sum"; the forward sum may differ from it in the last bit (another summation order).
+    Liger's fused loss only gives per-token values by recomputing the logits in backward
+    (liger_kernel/ops/fused_linear_cross_entropy.py, reduction="none"), so there it stays None.
     """
     if shift_labels is None:
         # Targets are the next token; the last position has none. -100 is ignored (TRL/HF convention).
@@ -119,11 +128,31 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
             lse_square_scale=z_loss_coefficient, reduction="sum", return_z_loss=True,
         )
         # Liger's summed loss already includes lse_square_scale * lse^2; its z_loss is that term.
-        return out.loss / denominator, out.z_loss / denominator
+        return out.loss / denominator, out.z_loss / denominator, None
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    per_token = None
+    if token_losses:
+        per_token = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        ce = per_token.sum()
+        per_token = per_token.detach().view(shift_labels.shape)
+    else:
+        ce = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     z = logits.new_zeros(())
     if z_loss_coefficient:
+        # A mask, not boolean indexing: `logits[valid]` has a data-dependent shape, which broke
+        # torch.compile's graph at this line (torch._dynamo.explain: aten.nonzero, issue 22).
         valid = targets != -100
-        z = z_loss_coefficient * torch.logsumexp(logits[valid], dim=-1).pow(2).sum()
-    return (ce + z) / denominator, z / denominator
+        z = z_loss_coefficient * torch.where(valid, torch.logsumexp(logits, dim=-1).pow(2), 0.0).sum()
+    return (ce + z) / denominator, z / denominator, per_token
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
+    """torch.compile each decoder block of a core model in place (torchtitan applies compile per block too).
+
+    The blocks share their code, so dynamo traces one graph per kind of block (two with RNoPE) and every
+    block of that kind reuses it: compile time does not grow with depth, where whole-model compile unrolls
+    every layer into one graph (the tiny preset's whole model took 277 s to compile on these 2 busy cores,
+    per block 53 s; issue 22). In place, so parameter names and FSDP wrapping are unaffected."""
+    for block in model.model.layers:
+        block.compile(**compile_kwargs)
+

@@ -111,7 +111,7 @@ class SmolForgeMLAttention(nn.Module):
 
 
 def mla_flop_terms(config: SmolForgeConfig) -> tuple[int, int]:
-    """For `pretrain.train.flops_per_token`: the matmul parameters of one MLA layer, and the attention width
+    """For `core.infra.flops.flops_per_token`: the matmul parameters of one MLA layer, and the attention width
     H * (qk_head_dim + v_head_dim) that QK^T and PV cost per token of context (the GQA counterpart is
     2 * H * head_dim)."""
     d, nh, r = config.hidden_size, config.num_attention_heads, config.kv_lora_rank

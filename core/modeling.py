@@ -319,10 +319,13 @@ class SmolForgeModel(SmolForgePreTrainedModel):
 @dataclass
 class SmolForgeCausalLMOutput(CausalLMOutputWithPast):
     """`loss` includes the z-loss and, training an MoE, the router losses; `z_loss` and `aux_loss` (the
-    weighted load-balancing and router z-losses together) are those terms alone, for logging."""
+    weighted load-balancing and router z-losses together) are those terms alone, for logging. `token_loss`
+    (B, T), only when asked for with `return_token_loss=True`: each target's cross-entropy, detached
+    (pretraining's per-source losses); None under Liger's fused loss, which never materialises it."""
 
     z_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
 
 
 class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
@@ -347,24 +350,26 @@ class SmolForgeForCausalLM(SmolForgePreTrainedModel, GenerationMixin):
         # Loss-only kwargs are popped so they do not reach the attention functions.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        return_token_loss = kwargs.pop("return_token_loss", False)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                              **kwargs)
         hidden = outputs.last_hidden_state  # (B, T, d)
         wants_loss = labels is not None or shift_labels is not None
-        logits = loss = z_loss = aux_loss = None
+        logits = loss = z_loss = aux_loss = token_loss = None
         # Training with Liger on CUDA: fused linear + CE, logits never materialised (memory).
         fused = wants_loss and self.use_liger and hidden.is_cuda and self.training
         if not fused:
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, slice_indices, :])  # (B, T', V)
         if wants_loss:
-            loss, z_loss = causal_lm_loss(hidden, self.lm_head, labels, shift_labels, self.config.z_loss_coefficient,
-                                          num_items_in_batch, use_liger=fused, logits=logits)
+            loss, z_loss, token_loss = causal_lm_loss(hidden, self.lm_head, labels, shift_labels,
+                                                      self.config.z_loss_coefficient, num_items_in_batch,
+                                                      use_liger=fused, logits=logits, token_losses=return_token_loss)
             if self.training and self.config.num_experts and torch.is_grad_enabled():
                 aux_loss = self.router_loss(labels, shift_labels, num_items_in_batch)
                 loss = loss + aux_loss
-        return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss, aux_loss=aux_loss,
+        return SmolForgeCausalLMOutput(loss=loss, logits=logits, z_loss=z_loss, aux_loss=aux_loss, token_loss=token_loss,
                                        past_key_values=outputs.past_key_values)
 
     def router_loss(self, labels: torch.Tensor | None, shift_labels: torch.Tensor | None,

@@ -52,9 +52,11 @@ class PretrainConfig:
                                       default_factory=lambda: {"num_decay_steps": 40, "decay_type": "linear"})
     warmup_steps: int = _help("Linear warmup steps.", default=20)
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
-    bf16: bool = _help("bf16 autocast (on CPU too: about 2x faster for a 25M model here, slower for the tiny "
-                       "preset; shared/FACTS.md).", default=False)
-    torch_compile: bool = _help("torch.compile the model.", default=False)
+    bf16: bool = _help("bf16 autocast (on CPU too) for the matmuls; weights, loss, norms and the residual stream stay "
+                       "fp32. Faster here from the tiny preset up (1.3x per CPU-second at tiny, 1.3-1.8x wall at 135M; "
+                       "bench/pretrain_vs_trainer.py, issue 22).", default=False)
+    torch_compile: bool = _help("torch.compile each decoder block (core/kernels.py:compile_blocks; inductor).",
+                                default=False)
     seed: int = _help("Seed of the init (same on every rank) and of the data order.", default=0)
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------
@@ -67,9 +69,10 @@ class PretrainConfig:
     report_to: list[str] = _help("Remote trackers, through accelerate (log_with): tensorboard, wandb (offline unless "
                                  "WANDB_MODE says otherwise), ..., all or none. output_dir/metrics.jsonl is always "
                                  "written (core/metrics.py).", default_factory=lambda: ["none"])
-    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: 989e12 on CUDA (H100 dense bf16), "
-                                     "on CPU the fp32 / bf16 matmul peak measured here (shared/FACTS.md). The log "
-                                     "says which peak it uses.", default=None)
+    peak_flops: float | None = _help("Peak FLOP/s per process for MFU; default: core/infra/devices.py's figure for "
+                                     "this device and dtype (bf16 when bf16 is on, else fp32): the datasheet for a "
+                                     "known GPU (H100, H200, A100), a matmul measured at start on a CPU or an unknown "
+                                     "GPU. The log says which peak it uses.", default=None)
     preflight: bool = _help("Run the preflight checks only, print them, and exit.", default=False)
     skip_preflight: bool = _help("Do not run the preflight checks before training.", default=False)
 

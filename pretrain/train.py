@@ -30,24 +30,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
-from core.faults import fault, kill_if
-from core.kernels import RMSNorm
-from core.mla import mla_flop_terms
+from core.faults import active_faults, kill_if
+from core.infra import devices
+from core.infra.flops import flops_per_token
+from core.kernels import compile_blocks
 from core.metrics import MetricsWriter
 from core.moe import end_moe_step, expert_load, set_load_reduction
+from core.optim import parameter_groups
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import DataSourceError, SourceSpec, data_identity
-from core.ssm import SmolForgeGatedDeltaNet
 from .config import PretrainConfig
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
 from .monitor import AlertLog, Monitor, resolve_policies
@@ -94,28 +93,6 @@ def build_model(cfg: PretrainConfig, tokenizer) -> SmolForgeForCausalLM:
     return model
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
-    """AdamW groups: no decay on embeddings, norm gains and biases (configurable), decay elsewhere.
-
-    Decaying an embedding pulls rare tokens toward zero, and decaying a norm gain fights the scale
-    it exists to learn (the usual GPT/Llama practice; nanoGPT decays only >=2-D weights). The decay rates
-    of the hybrid's delta-net layers (A_log, dt_bias: core/ssm.py) are never decayed, as in Mamba."""
-    unknown = set(no_decay) - {"embeddings", "norms", "biases"}
-    if unknown:
-        raise ValueError(f"no_decay has unknown kinds {sorted(unknown)}; use embeddings, norms, biases")
-    exempt: set[int] = set()
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if (("embeddings" in no_decay and isinstance(module, nn.Embedding))
-                    or ("norms" in no_decay and isinstance(module, RMSNorm))
-                    or ("biases" in no_decay and pname == "bias")
-                    or (isinstance(module, SmolForgeGatedDeltaNet) and pname in module.no_weight_decay)):
-                exempt.add(id(p))
-    params = list(model.parameters())  # tied weights appear once
-    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
-
-
 def build_scheduler(cfg: PretrainConfig, optimizer):
     """transformers' scheduler of that name, as SFT's Trainer builds it (get_scheduler)."""
     try:
@@ -126,35 +103,13 @@ def build_scheduler(cfg: PretrainConfig, optimizer):
                          f"{cfg.lr_scheduler_kwargs}: {e}") from e
 
 
-def flops_per_token(config: SmolForgeConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N (N = parameters in matmuls, output head included even when tied)
-    plus attention's 12 L H T (PaLM, Chowdhery et al. 2022, appendix B), i.e. 6 L T times the per-token
-    width of QK^T and PV summed over heads."""
-    d, L = config.hidden_size, config.num_hidden_layers
-    if getattr(config, "kv_lora_rank", 0):  # a continued Llama/Qwen3 checkpoint's config has no such field
-        attn, attn_width = mla_flop_terms(config)
-    else:
-        attn = d * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-        attn_width = 2 * config.num_attention_heads * config.head_dim
-    # An MoE layer counts its active parameters only: router, the k chosen experts, the shared expert.
-    is_moe = config.layer_is_moe if isinstance(config, SmolForgeConfig) else (lambda layer_idx: False)
-    moe = (d * config.num_experts + 3 * d * config.num_experts_per_tok * (config.moe_intermediate_size or 0)
-           + (3 * d * config.shared_expert_intermediate_size + d if config.shared_expert_intermediate_size else 0)
-           if isinstance(config, SmolForgeConfig) else 0)
-    mlp = sum(moe if is_moe(i) else 3 * d * config.intermediate_size for i in range(L))
-    n = L * attn + mlp + d * config.vocab_size
-    return 6 * n + 6 * L * attn_width * seq_len
-
-
-def peak_flops(cfg: PretrainConfig) -> tuple[float, str]:
-    """The MFU denominator per process, and where it comes from (printed, so the MFU can be judged)."""
+def peak_flops(cfg: PretrainConfig, device: torch.device) -> tuple[float, str]:
+    """The MFU denominator per process, and where it comes from (printed in the log, so the MFU can be
+    judged): the recipe's peak_flops, else core/infra/devices.py's figure for this device and the dtype the
+    matmuls run in (bf16 under autocast): the datasheet for a known GPU, a measured matmul on a CPU."""
     if cfg.peak_flops:
-        return cfg.peak_flops, "peak_flops from the recipe"
-    if torch.cuda.is_available():
-        return 989e12, "989 TFLOP/s, H100 dense bf16 (set peak_flops for another GPU)"
-    if cfg.bf16:
-        return 400e9, "400 GFLOP/s, the CPU bf16 matmul peak measured on 2 threads (shared/FACTS.md)"
-    return 190e9, "190 GFLOP/s, the CPU fp32 matmul peak measured on 2 threads (shared/FACTS.md)"
+        return cfg.peak_flops, f"{cfg.peak_flops:.3g} FLOP/s, peak_flops from the recipe"
+    return devices.peak_flops(device, "bf16" if cfg.bf16 else "fp32")
 
 
 def unigram_entropy(sources: list[PackedSource], weights: np.ndarray, vocab_size: int) -> float:
@@ -237,12 +192,14 @@ class Run:
     tokens_per_step: int
     flops_per_token: float
     peak: float
+    peak_source: str  # which peak the MFU divides by, named in every log line
     step: int = 0
     rollbacks: int = 0
     previous_val: dict | None = None
     window: Window = field(default_factory=Window)
     last: dict = field(default_factory=dict)
     poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
+    faults: dict = field(default_factory=active_faults)  # tests' SMOLFORGE_FAULT, read once; empty in a real run
 
     @property
     def model(self):
@@ -300,11 +257,12 @@ class StepResult:
     rows: list[tuple[int, int]]  # (source, row) of every sample of the step, all ranks
     aux_loss: float = 0.0  # MoE router losses (load balancing + router z-loss), included in `loss`
     expert_load: dict = field(default_factory=dict)  # core.moe.expert_load over the global batch
+    source_losses: torch.Tensor | None = None  # (2, sources): this rank's row-loss sums and rows; logging steps only
 
 
 def poison_rows(r: Run, micro_batches: list[dict], step_rows: list) -> None:
     """Tests (fault poison_step): the rows of one step become uniform noise, wherever they reappear."""
-    poison_step = fault("poison_step")
+    poison_step = r.faults.get("poison_step")
     if poison_step is not None and r.step == int(poison_step) and not r.poisoned:
         r.poisoned.update(step_rows)
     if not r.poisoned:
@@ -322,7 +280,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     started = time.perf_counter()
     ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
     step_rows = [tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()]
-    poison_rows(r, micro_batches, step_rows)
+    if r.faults:  # tests only: a real run does no per-row work here
+        poison_rows(r, micro_batches, step_rows)
     if r.cfg.log_sequence_ids and acc.is_main_process:
         with open(r.out / "sequence_ids.jsonl", "a") as f:
             f.write(json.dumps({"step": r.step, "rows": step_rows}) + "\n")
@@ -332,11 +291,18 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     loss_sum = torch.zeros((), device=device)
     z_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
-    nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
+    nan_fault = r.faults.get("nan_at_step")  # tests: "S" or "S:rank"
+    # Per-source training losses come from the per-token losses the loss itself is summed from (no second
+    # cross-entropy over the logits), and are only collected on a step that logs.
+    source_losses = torch.zeros(2, len(r.sources), device=device) if is_logging_step(r, r.step + 1) else None
     for i, mb in enumerate(micro_batches):
         with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast():
             o = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device),
-                        labels=mb["labels"].to(device), num_items_in_batch=items)
+                        labels=mb["labels"].to(device), num_items_in_batch=items, return_token_loss=True)
+        if source_losses is not None and o.token_loss is not None:
+            source = mb["source"].to(device)
+            source_losses[0].index_add_(0, source, o.token_loss.sum(1) / (o.token_loss.shape[1] - 1))  # row means
+            source_losses[1].index_add_(0, source, torch.ones_like(source, dtype=source_losses.dtype))
         loss = o.loss
         if nan_fault is not None and nan_fault.split(":")[0] == str(r.step + 1) and (
                 ":" not in nan_fault or nan_fault.split(":")[1] == str(acc.process_index)):
@@ -358,8 +324,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     if acc.num_processes > 1:
         torch.distributed.all_reduce(timing, torch.distributed.ReduceOp.MAX)
     seconds, data_wait = timing.tolist()
-    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows, aux,
-                      expert_load(r.model))
+    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows,
+                      aux_loss=aux, expert_load=expert_load(r.model), source_losses=source_losses)
 
 
 def apply_alert_policy(r: Run, result: StepResult) -> str:
@@ -409,29 +375,26 @@ def check_expert_load(r: Run, result: StepResult) -> None:
             raise TrainingStopped(f"stopped at step {r.step} by alert {a.kind} (see alerts.jsonl)")
 
 
-def per_source_losses(r: Run, micro_batches: list[dict]) -> dict[str, float]:
-    """Training loss of each source on this step's rows. Only at logging steps: an extra fp32
-    cross-entropy over the logits on every micro-batch would cost time for a number nobody reads."""
-    device = r.accelerator.device
-    totals = torch.zeros(2, len(r.sources), device=device)  # loss sum, rows
-    with torch.no_grad(), r.accelerator.autocast():
-        for mb in micro_batches:
-            logits = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device)).logits
-            row_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), mb["labels"][:, 1:].to(device),
-                                       reduction="none").mean(1)
-            totals[0].index_add_(0, mb["source"].to(device), row_loss)
-            totals[1].index_add_(0, mb["source"].to(device), torch.ones_like(row_loss))
-    totals = r.accelerator.reduce(totals, "sum")
+def is_logging_step(r: Run, step: int) -> bool:
+    return step % r.cfg.logging_steps == 0 or step == r.cfg.max_steps
+
+
+def per_source_losses(r: Run, source_losses: torch.Tensor | None) -> dict[str, float]:
+    """Mean training loss of each source's rows in this step, over all ranks. Absent under Liger's fused
+    loss (CUDA), which never materialises per-token losses; the per-source validation losses remain."""
+    if source_losses is None or not source_losses[1].any():  # the fused loss: the same on every rank
+        return {}
+    totals = r.accelerator.reduce(source_losses, "sum")
     return {f"loss/{n}": (totals[0, j] / totals[1, j]).item() for j, n in enumerate(r.names) if totals[1, j] > 0}
 
 
-def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches: list[dict]) -> None:
+def log_step(r: Run, result: StepResult, lr: float, skipped: bool) -> None:
     """A log line every logging_steps: HF's names (loss = window mean, learning_rate, grad_norm,
     num_tokens) and ours, to metrics.jsonl, the trackers and the console."""
     done, w = r.step, r.window
     w.loss_sum = w.loss_sum + result.loss - result.z_loss - result.aux_loss
     w.steps, w.tokens = w.steps + 1, w.tokens + result.tokens
-    if done % r.cfg.logging_steps and done != r.cfg.max_steps:
+    if not is_logging_step(r, done):
         return
     tokens_per_s = w.tokens / (time.perf_counter() - w.started)
     r.last = {"loss": w.loss_sum / w.steps, "z_loss": result.z_loss, **({"aux_loss": result.aux_loss,
@@ -440,11 +403,12 @@ def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches
               "param_norm": r.parallel.parameter_norm(), "skipped": skipped, "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s / r.accelerator.num_processes * r.flops_per_token / r.peak,
               **{f"weight/{n}": float(x) for n, x in zip(r.names, r.stream.weights())},
-              **per_source_losses(r, micro_batches)}
+              **per_source_losses(r, result.source_losses)}
     r.metrics.write(done, r.last)
     r.accelerator.log(r.last, step=done)
     r.accelerator.print(f"step {done}/{r.cfg.max_steps} loss {r.last['loss']:.4f} z {result.z_loss:.2e} "
-                        f"|g| {result.grad_norm:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {r.last['mfu']:.1%}")
+                        f"|g| {result.grad_norm:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {r.last['mfu']:.1%} "
+                        f"of {r.peak_source.split(',')[0]} {'bf16' if r.cfg.bf16 else 'fp32'}")
     r.window = Window()
 
 
@@ -546,7 +510,7 @@ def run(cfg: PretrainConfig) -> dict:
     model = build_model(cfg, tokenizer)
     entropy = unigram_entropy(sources, stream.schedule.stages[0][1], model.config.vocab_size)
     if cfg.torch_compile:
-        model.compile()  # in place, so parameter names and FSDP wrapping are unaffected
+        compile_blocks(model)  # per decoder block, in place (core/kernels.py says why)
     parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
         parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon))
@@ -556,7 +520,7 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator.register_for_checkpointing(loader)
     if accelerator.num_processes > 1:  # MoE: expert counts over the global batch (core/moe.py)
         set_load_reduction(parallel.model, lambda t: accelerator.reduce(t, "sum"))
-    peak, peak_source = peak_flops(cfg)
+    peak, peak_source = peak_flops(cfg, accelerator.device)
     recipe = resolved_recipe(cfg)
     r = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, names=[s.name for s in specs],
             sources=sources, stream=stream, loader=loader, parallel=parallel, scheduler=scheduler,
@@ -565,7 +529,8 @@ def run(cfg: PretrainConfig) -> dict:
             fingerprint=data_fingerprint([json.dumps([data_identity(s) for s in specs], sort_keys=True),
                                           str(cfg.max_length)]),
             tokens_per_step=stream.global_batch * cfg.max_length,
-            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak)
+            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak,
+            peak_source=peak_source)
     if resume_from is not None:
         r.restore(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {r.step}")
@@ -599,13 +564,14 @@ def run(cfg: PretrainConfig) -> dict:
         r.step += 1
         progress.update(1)
         check_speed(r, result)
-        log_step(r, result, lr, action == "skip", micro_batches)
+        log_step(r, result, lr, action == "skip")
         check_expert_load(r, result)  # after the log line, so a run it stops has the collapsed load logged
         if r.step % cfg.eval_steps == 0 or r.step == cfg.max_steps:
             evaluate_and_adapt(r)
         if r.step % cfg.save_steps == 0 or r.step == cfg.max_steps:
             save(r)
-        kill_if("kill_after_step", r.step)  # tests: kill -9 between steps
+        if r.faults:
+            kill_if("kill_after_step", r.step)  # tests: kill -9 between steps
     progress.close()
     return save_final(r, entropy)
 

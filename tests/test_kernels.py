@@ -88,7 +88,7 @@ def test_fused_cross_entropy_peak_memory_report():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         logits = None if use_liger else head(h)
-        loss, _ = causal_lm_loss(h, head, labels, None, 1e-4, None, use_liger=use_liger, logits=logits)
+        loss, _, _ = causal_lm_loss(h, head, labels, None, 1e-4, None, use_liger=use_liger, logits=logits)
         loss.backward()
         report["liger_fused" if use_liger else "torch"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         del head, h, labels, logits, loss

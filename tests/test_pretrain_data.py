@@ -167,7 +167,7 @@ def test_adaptive_rule_moves_weight_to_the_slowest_learner():
 
 def test_parameter_groups_exempt_embeddings_norms():
     from core import SmolForgeConfig, SmolForgeForCausalLM
-    from pretrain.train import parameter_groups
+    from core.optim import parameter_groups
 
     model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=256, qk_norm=True,
                                                              position_embedding="learned"))

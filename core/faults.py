@@ -12,10 +12,13 @@ Kinds understood by the stages:
   poison_step:S         pretraining: the rows of step S become noise, wherever they reappear
   slow_data:S:sec[:rank] pretraining: the data loader sleeps before every batch from step S on
   corrupt_checkpoint    pretraining preflight: the round-trip checkpoint is corrupted
+  slow_rank:R           diagnostics and pretraining: rank R runs a busy Python thread next to its work,
+                        so it computes slower (a throttling GPU / noisy neighbour, issue 21)
 """
 
 import os
 import signal
+import threading
 
 from transformers import TrainerCallback
 
@@ -50,3 +53,23 @@ class FaultInjectionMixin:
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
         kill_if("kill_in_checkpoint", self.state.global_step)
+
+
+def start_slow_rank_fault(rank: int) -> None:
+    """slow_rank:R: on rank R, start a daemon thread that spins in Python forever. It takes a CPU core
+    and the GIL: every torch op of the rank's main thread then waits for the GIL (up to the 5 ms switch
+    interval) before it can launch, so its figures and its steps come out measurably slower, as a
+    rank sharing its node with another job would. Started once per process."""
+    if fault("slow_rank") != str(rank) or _busy_threads:
+        return
+
+    def spin():
+        x = 0
+        while True:
+            x = (x + 1) % 1_000_003
+
+    _busy_threads.append(threading.Thread(target=spin, name="slow_rank fault", daemon=True))
+    _busy_threads[0].start()
+
+
+_busy_threads: list[threading.Thread] = []

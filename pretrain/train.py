@@ -40,15 +40,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
-from core.faults import fault, kill_if
+from core.faults import fault, kill_if, start_slow_rank_fault
 from core.kernels import RMSNorm
 from core.metrics import MetricsWriter
 from core.recipe import parse_recipe, resolved_recipe
 from core.sources import DataSourceError, SourceSpec, data_identity
 from .config import PretrainConfig
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
-from .monitor import AlertLog, Monitor, resolve_policies
-from .parallel import DataParallel, refuse_deepspeed
+from .monitor import AlertLog, Monitor, RankTimer, cuda_health, resolve_policies
+from .parallel import DataParallel, data_parallel_rank, refuse_deepspeed
 from .preflight import PreflightError, report, run_preflight
 
 # Not HF's trainer_state.json: our schema differs, and HF tools would misread it (issue 10).
@@ -228,6 +228,7 @@ class Run:
     window: Window = field(default_factory=Window)
     last: dict = field(default_factory=dict)
     poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
+    rank_timer: RankTimer | None = None  # this rank's forward seconds since the last log line (stragglers)
 
     @property
     def model(self):
@@ -256,11 +257,11 @@ def build_data(cfg: PretrainConfig, accelerator: Accelerator,
     with accelerator.main_process_first():  # rank 0 tokenises, the others then read its cache
         dirs = [pack_source(s, tokenizer, cfg.max_length, cfg.data_cache_dir) for s in specs]
     sources = [PackedSource(s.name, d, cfg.validation_rows) for s, d in zip(specs, dirs)]
-    world = accelerator.num_processes
+    rank, world = data_parallel_rank(accelerator, cfg.tp_size)  # a TP group reads the same rows
     tokens_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world * cfg.max_length
     schedule = MixtureSchedule(names, {s.name: s.weight for s in specs}, cfg.stages, tokens_per_step)
     stream = MixtureStream(sources, schedule, seed=cfg.seed, micro_batch_size=cfg.per_device_train_batch_size,
-                           accumulation_steps=cfg.gradient_accumulation_steps, rank=accelerator.process_index,
+                           accumulation_steps=cfg.gradient_accumulation_steps, rank=rank,
                            world_size=world, eos_id=tokenizer.eos_token_id)
     return specs, sources, stream
 
@@ -269,7 +270,8 @@ def build_monitor(cfg: PretrainConfig) -> Monitor:
     return Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
                    grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
                    throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
-                   spike_window=cfg.spike_window)
+                   spike_window=cfg.spike_window, straggler_fraction=cfg.straggler_fraction,
+                   straggler_windows=cfg.straggler_windows)
 
 
 # --- the steps of the loop ----------------------------------------------------------------------------
@@ -304,7 +306,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     acc, device = r.accelerator, r.accelerator.device
     started = time.perf_counter()
     ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
-    step_rows = [tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()]
+    # dict.fromkeys: the ranks of a TP group hold the same rows; each row counts once.
+    step_rows = list(dict.fromkeys(tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()))
     poison_rows(r, micro_batches, step_rows)
     if r.cfg.log_sequence_ids and acc.is_main_process:
         with open(r.out / "sequence_ids.jsonl", "a") as f:
@@ -316,7 +319,7 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     z_sum = torch.zeros((), device=device)
     nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
     for i, mb in enumerate(micro_batches):
-        with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast():
+        with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast(), r.rank_timer:
             o = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device),
                         labels=mb["labels"].to(device), num_items_in_batch=items)
         loss = o.loss
@@ -337,7 +340,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     if acc.num_processes > 1:
         torch.distributed.all_reduce(timing, torch.distributed.ReduceOp.MAX)
     seconds, data_wait = timing.tolist()
-    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows)
+    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global // r.parallel.tp, seconds, data_wait,
+                      step_rows)
 
 
 def apply_alert_policy(r: Run, result: StepResult) -> str:
@@ -394,6 +398,28 @@ def per_source_losses(r: Run, micro_batches: list[dict]) -> dict[str, float]:
     return {f"loss/{n}": (totals[0, j] / totals[1, j]).item() for j, n in enumerate(r.names) if totals[1, j] > 0}
 
 
+def check_node_health(r: Run) -> dict[str, float]:
+    """At a logging step: every rank's forward seconds of the window (one small all-gather), the straggler
+    alert on them, and on CUDA each GPU's temperature, utilisation and memory (issue 21)."""
+    acc = r.accelerator
+    local = {"forward_s": r.rank_timer.take(), **(cuda_health(acc.device) if acc.device.type == "cuda" else {})}
+    keys = sorted(local)
+    values = acc.gather(torch.tensor([[local[k] for k in keys]], device=acc.device, dtype=torch.float64)).cpu()
+    per_rank = {k: values[:, j].tolist() for j, k in enumerate(keys)}
+    if acc.num_processes > 1:
+        for a in r.monitor.check_stragglers(r.step, per_rank["forward_s"]):
+            a.action = r.policies[a.kind]
+            r.alerts.emit(a, forward_s_per_rank=per_rank["forward_s"])
+            if a.action == "stop":
+                raise TrainingStopped(f"stopped at step {r.step} by alert straggler (see alerts.jsonl)")
+    health = {"rank_forward_s/max": max(per_rank["forward_s"]), "rank_forward_s/min": min(per_rank["forward_s"])}
+    for k in keys:
+        if k != "forward_s":
+            health[f"gpu/{k}/max"] = max(per_rank[k])
+            health[f"gpu/{k}/min"] = min(per_rank[k])
+    return health
+
+
 def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches: list[dict]) -> None:
     """A log line every logging_steps: HF's names (loss = window mean, learning_rate, grad_norm,
     num_tokens) and ours, to metrics.jsonl, the trackers and the console."""
@@ -407,7 +433,7 @@ def log_step(r: Run, result: StepResult, lr: float, skipped: bool, micro_batches
               "param_norm": r.parallel.parameter_norm(), "skipped": skipped, "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s / r.accelerator.num_processes * r.flops_per_token / r.peak,
               **{f"weight/{n}": float(x) for n, x in zip(r.names, r.stream.weights())},
-              **per_source_losses(r, micro_batches)}
+              **per_source_losses(r, micro_batches), **check_node_health(r)}
     r.metrics.write(done, r.last)
     r.accelerator.log(r.last, step=done)
     r.accelerator.print(f"step {done}/{r.cfg.max_steps} loss {r.last['loss']:.4f} z {result.z_loss:.2e} "
@@ -498,6 +524,7 @@ def run(cfg: PretrainConfig) -> dict:
                               log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)
     resume_from = resume_point(out, STATE_FILE, cfg.resume_from_checkpoint)
+    start_slow_rank_fault(accelerator.process_index)  # tests: a busy thread slows one rank (core/faults.py)
     if cfg.preflight or not cfg.skip_preflight:
         preflight(cfg, accelerator)
         if cfg.preflight:
@@ -516,7 +543,8 @@ def run(cfg: PretrainConfig) -> dict:
         model.compile()  # in place, so parameter names and FSDP wrapping are unaffected
     parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
         parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon))
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon), tp_size=cfg.tp_size,
+        sequence_parallel=cfg.sequence_parallel)
     scheduler = build_scheduler(cfg, parallel.optimizer)
     # Stepped by us once per optimizer step (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
@@ -530,7 +558,8 @@ def run(cfg: PretrainConfig) -> dict:
             fingerprint=data_fingerprint([json.dumps([data_identity(s) for s in specs], sort_keys=True),
                                           str(cfg.max_length)]),
             tokens_per_step=stream.global_batch * cfg.max_length,
-            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak)
+            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak,
+            rank_timer=RankTimer(accelerator.device.type == "cuda"))
     if resume_from is not None:
         r.restore(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {r.step}")

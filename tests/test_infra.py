@@ -180,3 +180,32 @@ def test_planner_bytes_equal_the_measured_local_shards(two_rank_results):
         assert largest == {"params": params, "grads": grads, "optim": optim}, layout
     # Sharding really happened: FSDP2 and TP hold less than DDP's full copy.
     assert expected["fsdp2"][0] < expected["tp"][0] < expected["ddp"][0]
+
+
+# --- pretraining: a straggler alert on 2 processes, and tensor parallelism through the real loop -------------
+
+def pretrain_recipe(tmp_path, tokenizer_dir, **overrides):
+    from conftest import write_recipe
+
+    cfg = {"tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "max_length": 64,
+           "model_overrides": {"num_attention_heads": 2, "num_key_value_heads": 2},
+           "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 600}],
+           "max_steps": 6, "per_device_train_batch_size": 4, "warmup_steps": 1, "save_steps": 100, "eval_steps": 100,
+           "logging_steps": 1, "straggler_windows": 3, "skip_preflight": True,
+           "lr_scheduler_kwargs": {"num_decay_steps": 2, "decay_type": "linear"},
+           "data_cache_dir": str(tmp_path.parent / "data_cache")}
+    return write_recipe(tmp_path, {**cfg, **overrides})
+
+
+def test_straggler_alert_names_the_slow_rank_of_a_two_process_run(tmp_path, tokenizer_dir):
+    from conftest import launch_stage, ok
+
+    out = tmp_path / "run"
+    ok(launch_stage("pretrain", pretrain_recipe(tmp_path, tokenizer_dir), out, processes=2, fault="slow_rank:1"))
+    alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
+    stragglers = [a for a in alerts if a["kind"] == "straggler"]
+    assert stragglers and all(a["message"].startswith("rank 1 ") for a in stragglers), alerts
+    slow, fast = stragglers[0]["forward_s_per_rank"][1], stragglers[0]["forward_s_per_rank"][0]
+    assert slow > 1.2 * fast
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["rank_forward_s/max"] >= m["rank_forward_s/min"] > 0 for m in metrics if "loss" in m)

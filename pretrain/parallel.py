@@ -122,7 +122,9 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
                 t = t.redistribute(placements=[Replicate() if p.is_partial() else p for p in t.placements])
             local = t.to_local().double().pow(2).sum()
             for dim, placement in enumerate(t.placements):
-                if placement.is_shard():
+                # Not is_shard(): FSDP2 over a TP-sharded dim 0 places a _StridedShard, which is not a Shard
+                # (measured: the 2-D norm came out 4% low with is_shard()).
+                if not (placement.is_replicate() or placement.is_partial()):
                     torch.distributed.all_reduce(local, group=t.device_mesh.get_group(dim))
             total = total + local.cpu()
         else:

@@ -132,8 +132,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         wrapped = DistributedDataParallel(model) if layout == "ddp" else model
         ids, pos = batches[0]
         wrapped(input_ids=ids, position_ids=pos, labels=ids).loss.backward()
+        shards[layout] = {"norm": float(_squared_norm([p.detach() for p in model.parameters()]).sqrt())}
         optimizer.step()
-        shards[layout] = local_bytes(model, optimizer)
+        shards[layout].update(local_bytes(model, optimizer))
+    shards["reference_norm"] = float(torch.cat([p.detach().flatten() for p in reference.parameters()]).norm())
     gathered = [None] * world
     dist.all_gather_object(gathered, shards)
     if rank == 0:
@@ -178,6 +180,10 @@ def test_planner_bytes_equal_the_measured_local_shards(two_rank_results):
     for layout, (params, grads, optim) in expected.items():
         largest = {k: max(rank[layout][k] for rank in two_rank_results["shards"]) for k in ("params", "grads", "optim")}
         assert largest == {"params": params, "grads": grads, "optim": optim}, layout
+    # The norm of sharded parameters (clipping, param_norm) sums every shard once: FSDP2 and TP alike.
+    for rank in two_rank_results["shards"]:
+        for layout in ("ddp", "fsdp2", "tp"):
+            assert rank[layout]["norm"] == pytest.approx(rank["reference_norm"], rel=1e-6), layout
     # Sharding really happened: FSDP2 and TP hold less than DDP's full copy.
     assert expected["fsdp2"][0] < expected["tp"][0] < expected["ddp"][0]
 

@@ -89,9 +89,6 @@ def step_peak(config: SmolForgeConfig, seq: int, batch: int, checkpointing: bool
     if cuda:
         result["peak_above_states_bytes"] = torch.cuda.max_memory_allocated() - base
         result["activations_measured_bytes"] = result["peak_above_states_bytes"] - result["grad_bytes"]
-    del model, optimizer
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -116,6 +113,8 @@ def main() -> None:
           f"{'grads':>6} {'step s':>7}")
     for checkpointing in (False, True):
         measured = step_peak(config, seq, batch, checkpointing, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous step's model and optimizer are gone: start the next clean
         measured["planner_activation_bytes"] = activation_bytes(config, seq, batch, tp=1, pp=1,
                                                                 recompute=checkpointing, sequence_parallel=False)
         result["memory"].append(measured)

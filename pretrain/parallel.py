@@ -64,7 +64,6 @@ def tensor_parallel_plan(model: torch.nn.Module, sequence_parallel: bool) -> dic
     if config.qk_norm:
         raise ValueError("tp_size > 1 with model qk_norm=true: the per-head QK-norm weights would see only the "
                          "local heads' gradients; train QK-norm models with tp_size 1 (DDP / FSDP2)")
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plan = {}
     for pattern, style in config.base_model_tp_plan.items():
@@ -105,7 +104,7 @@ def apply_tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bo
 
 def data_parallel_rank(accelerator: Accelerator, tp_size: int) -> tuple[int, int]:
     """(rank, world size) of the data stream: the ranks of one TP group read the same rows."""
-    if accelerator.num_processes % tp_size:
+    if tp_size < 1 or accelerator.num_processes % tp_size:
         raise ValueError(f"tp_size={tp_size} must divide the number of processes ({accelerator.num_processes})")
     return accelerator.process_index // tp_size, accelerator.num_processes // tp_size
 

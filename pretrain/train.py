@@ -228,7 +228,8 @@ class Run:
     window: Window = field(default_factory=Window)
     last: dict = field(default_factory=dict)
     poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
-    rank_timer: RankTimer | None = None  # this rank's forward seconds since the last log line (stragglers)
+    # This rank's forward seconds since the last log line (stragglers); CUDA events on a GPU.
+    rank_timer: RankTimer = field(default_factory=lambda: RankTimer(torch.cuda.is_available()))
 
     @property
     def model(self):
@@ -558,8 +559,7 @@ def run(cfg: PretrainConfig) -> dict:
             fingerprint=data_fingerprint([json.dumps([data_identity(s) for s in specs], sort_keys=True),
                                           str(cfg.max_length)]),
             tokens_per_step=stream.global_batch * cfg.max_length,
-            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak,
-            rank_timer=RankTimer(accelerator.device.type == "cuda"))
+            flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak)
     if resume_from is not None:
         r.restore(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {r.step}")

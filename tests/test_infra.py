@@ -196,7 +196,7 @@ def pretrain_recipe(tmp_path, tokenizer_dir, **overrides):
     cfg = {"tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "max_length": 64,
            "model_overrides": {"num_attention_heads": 2, "num_key_value_heads": 2},
            "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 600}],
-           "max_steps": 6, "per_device_train_batch_size": 4, "warmup_steps": 1, "save_steps": 100, "eval_steps": 100,
+           "max_steps": 4, "per_device_train_batch_size": 4, "warmup_steps": 1, "save_steps": 100, "eval_steps": 100,
            "logging_steps": 1, "straggler_windows": 3, "skip_preflight": True,
            "lr_scheduler_kwargs": {"num_decay_steps": 2, "decay_type": "linear"},
            "data_cache_dir": str(tmp_path.parent / "data_cache")}

@@ -131,11 +131,11 @@ def collective_bus_bandwidth(op: str, nbytes: int, device: torch.device, repeats
     """nccl-tests' bus bandwidth of one all-reduce / all-gather of an nbytes tensor over all ranks."""
     world = dist.get_world_size()
     if op == "all_reduce":
-        x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
+        x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)  # zeros: summing stays finite
         fn = lambda: dist.all_reduce(x)  # noqa: E731
         factor = 2 * (world - 1) / world
     else:
-        shard = torch.ones(max(1, nbytes // 4 // world), dtype=torch.float32, device=device)
+        shard = torch.zeros(max(1, nbytes // 4 // world), dtype=torch.float32, device=device)
         out = torch.empty(shard.numel() * world, dtype=torch.float32, device=device)
         fn = lambda: dist.all_gather_into_tensor(out, shard)  # noqa: E731
         factor = (world - 1) / world

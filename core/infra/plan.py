@@ -33,10 +33,10 @@ Training LLMs on GPU Clusters", the companion of the Smol Training Playbook), Ps
   recomputation keeps only each layer's input (2sbh) plus one layer's activations while it is recomputed.
   The output head adds the logits, 2 bytes + a 4-byte fp32 copy for the loss: 6 s b V.
   With 1F1B pipelining the first stage holds p micro-batches of L/p layers: the activations of L layers.
-- Communication per step, bytes sent per GPU (the Playbook's ring counts): DDP all-reduces the gradients
-  (2 Psi_local (N-1)/N bytes x 4 fp32 bytes... here 2 x grad bytes x (N-1)/N); ZeRO-1/2 reduce-scatter
-  gradients and all-gather parameters, the same volume; ZeRO-3 all-gathers parameters twice (forward and
-  backward) and reduce-scatters gradients: 3 x. TP: per layer and micro-batch, 2 all-reduces forward and
+- Communication per step, bytes sent per GPU (the Playbook's ring counts): DDP all-reduces the fp32
+  gradients, 2 (N-1)/N x their bytes; ZeRO-1/2 reduce-scatter gradients and all-gather parameters, the
+  same volume; ZeRO-3 all-gathers parameters twice (forward and backward) and reduce-scatters gradients:
+  3 (N-1)/N x. TP: per layer and micro-batch, 2 all-reduces forward and
   2 backward of the sbh activation (SP: all-gather + reduce-scatter, the same volume). PP: one sbh
   activation sent forward and one gradient back per micro-batch and stage boundary.
 

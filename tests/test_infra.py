@@ -215,3 +215,28 @@ def test_straggler_alert_names_the_slow_rank_of_a_two_process_run(tmp_path, toke
     assert slow > 1.2 * fast
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["rank_forward_s/max"] >= m["rank_forward_s/min"] > 0 for m in metrics if "loss" in m)
+
+
+def test_straggler_rule_needs_consecutive_slow_windows():
+    from pretrain.monitor import Monitor
+
+    m = Monitor(spike_sigma=6, spike_warmup=20, ema_beta=0.95, grad_factor=10, throughput_fraction=0.5,
+                throughput_windows=10, data_stall_seconds=30, straggler_fraction=0.2, straggler_windows=3)
+    assert not m.check_stragglers(1, [1.0, 1.5]) and not m.check_stragglers(2, [1.0, 1.0])  # a blip resets
+    assert not m.check_stragglers(3, [1.0, 1.5]) and not m.check_stragglers(4, [1.0, 1.5])
+    (alert,) = m.check_stragglers(5, [1.0, 1.5])
+    assert alert.kind == "straggler" and alert.message.startswith("rank 1 ") and alert.threshold == pytest.approx(1.2)
+    assert not m.check_stragglers(6, [1.0, 1.5])  # once per episode
+    assert not m.check_stragglers(7, [1.0, 1.1, 0.9, 1.0])  # within 20% of the others
+
+
+def test_planner_on_smollm3_at_384_gpus(capsys):
+    from core.infra.plan import main
+
+    fitting = main(["--config", str(REPO / "recipes/smollm3/pretrain.yaml"), "--gpus", "384", "--gpu_memory", "80",
+                    "--global_batch_rows", "576"])
+    assert "recommended: " in capsys.readouterr().out
+    assert all(lay.dp * lay.tp * lay.pp == 384 and 576 % lay.dp == 0 for lay in fitting)
+    # SmolLM3's own layout (DP 192 x TP 2) fits; plain DDP over 384 GPUs cannot (576 rows do not split 384 ways).
+    assert any((lay.dp, lay.tp, lay.pp) == (192, 2, 1) for lay in fitting)
+    assert not any(lay.dp == 384 for lay in fitting)

@@ -165,7 +165,7 @@ def hardware(ctx: Context) -> str:
     from core.infra.diagnostics import measure_rank
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = measure_rank(device, quick=True, data_dir=None)
+    rows = measure_rank(device, quick=True, data_dir=None, in_step=False)
     found = [f"{r['name']} {r['value'] / r['peak']:.0%} of peak" if r["peak"] else f"{r['name']} {r['value'] / 1e9:.1f} G{r['unit']}"
              for r in rows]
     slow = [r["name"] for r in rows if r["kind"] == "matmul" and r["peak"] and r["value"] < 0.5 * r["peak"]]

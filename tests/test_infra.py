@@ -30,9 +30,14 @@ def test_diagnostics_name_the_rank_slowed_by_the_fault_switch(tmp_path):
     assert {"matmul", "copy", "data_read"} <= kinds
     assert [r["bytes"] for r in report["collectives"] if r["kind"] == "all_reduce"] == [1024, 4096]
     assert all(r["value"] > 0 for r in report["collectives"])
-    # The busy thread on rank 1 is found, and nobody else is blamed.
-    assert {s["rank"] for s in report["sick_ranks"]} == {1}, report["sick_ranks"]
-    assert any(s["figure"].startswith("matmul") for s in report["sick_ranks"])
+    # The GIL-hogging thread on rank 1 gets it named sick on a matmul figure, and rank 1 is the slower rank on
+    # most compute / memory figures. Not "rank 0 is never named": on this shared 2-core machine other jobs
+    # land on either rank, and in about 1 run of 10 one figure of rank 0 also falls >10% below the median
+    # (measured while building this test).
+    assert any(s["rank"] == 1 and s["figure"].startswith("matmul") for s in report["sick_ranks"]), report["sick_ranks"]
+    rank0, rank1 = report["ranks"]
+    compute = [i for i, row in enumerate(rank0) if row["kind"] in ("matmul", "copy")]
+    assert sum(rank1[i]["value"] < rank0[i]["value"] for i in compute) > len(compute) / 2, report["sick_ranks"]
     assert "SICK rank 1" in run.stdout and "fraction" in run.stdout
 
 
@@ -196,7 +201,7 @@ def pretrain_recipe(tmp_path, tokenizer_dir, **overrides):
     cfg = {"tokenizer_name_or_path": str(tokenizer_dir), "model_preset": "tiny", "max_length": 64,
            "model_overrides": {"num_attention_heads": 2, "num_key_value_heads": 2},
            "sources": [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 600}],
-           "max_steps": 4, "per_device_train_batch_size": 4, "warmup_steps": 1, "save_steps": 100, "eval_steps": 100,
+           "max_steps": 6, "per_device_train_batch_size": 4, "warmup_steps": 1, "save_steps": 100, "eval_steps": 100,
            "logging_steps": 1, "straggler_windows": 3, "skip_preflight": True,
            "lr_scheduler_kwargs": {"num_decay_steps": 2, "decay_type": "linear"},
            "data_cache_dir": str(tmp_path.parent / "data_cache")}
@@ -240,3 +245,10 @@ def test_planner_on_smollm3_at_384_gpus(capsys):
     # SmolLM3's own layout (DP 192 x TP 2) fits; plain DDP over 384 GPUs cannot (576 rows do not split 384 ways).
     assert any((lay.dp, lay.tp, lay.pp) == (192, 2, 1) for lay in fitting)
     assert not any(lay.dp == 384 for lay in fitting)
+
+
+def test_preflight_hardware_check_reports_fractions_of_peak():
+    from pretrain.preflight import hardware
+
+    finding = hardware(None)  # the check reads nothing from the run's context
+    assert "matmul fp32" in finding and "of peak" in finding and "copy" in finding

@@ -51,7 +51,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_seconds(fn, device: torch.device, repeats: int, min_block: float = 0.02, calls: int | None = None) -> float:
+def _best_seconds(fn, device: torch.device, repeats: int, min_block: float = 0.05, calls: int | None = None) -> float:
     """Seconds per call, the best of `repeats` blocks of calls lasting at least `min_block` each (after
     a warm-up call): sustained throughput, so that a throttled device or a rank that must share its
     cores cannot hide behind one lucky call, while the best block still filters out passing noise.
@@ -155,8 +155,17 @@ def message_sizes(max_bytes: int) -> list[int]:
     return sizes
 
 
-def measure_rank(device: torch.device, quick: bool, data_dir: Path | None) -> list[dict]:
-    """This rank's own figures, each {kind, name, value, unit, peak, peak_source}."""
+def _barrier() -> None:
+    """Ranks measure each figure at the same moment, so they compare like with like: a rank still in its
+    matmuls would otherwise take CPU or memory bandwidth from another rank's copy."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def measure_rank(device: torch.device, quick: bool, data_dir: Path | None, in_step: bool = True) -> list[dict]:
+    """This rank's own figures, each {kind, name, value, unit, peak, peak_source}. `in_step`: every rank of
+    the process group runs this together (False when one process measures alone: preflight)."""
+    sync = _barrier if in_step else (lambda: None)
     rows = []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peaks = gpu_peaks(name) if device.type == "cuda" else None
@@ -164,6 +173,7 @@ def measure_rank(device: torch.device, quick: bool, data_dir: Path | None) -> li
     repeats = 3 if quick else 10
     dtypes = ["fp32", "bf16"] + (["fp8"] if fp8_supported(device) else [])
     for dtype in dtypes:
+        sync()
         value = matmul_flops(device, dtype, n, repeats)
         if peaks and dtype in peaks.flops:
             peak, source = peaks.flops[dtype], f"{peaks.name} datasheet, dense"
@@ -176,6 +186,7 @@ def measure_rank(device: torch.device, quick: bool, data_dir: Path | None) -> li
         rows.append(dict(kind="matmul", name=f"matmul {dtype} {n}^3", value=value, unit="FLOP/s", peak=peak,
                          peak_source=source))
     nbytes = (64 * MiB if quick else 1024 * MiB) if device.type == "cuda" else (16 * MiB if quick else 256 * MiB)
+    sync()
     rows.append(dict(kind="copy", name=f"copy {nbytes // MiB} MiB", value=copy_bandwidth(device, nbytes, repeats),
                      unit="B/s", peak=peaks.memory_bandwidth if peaks else None,
                      peak_source=f"{peaks.name} HBM" if peaks else "none on CPU"))
@@ -183,11 +194,13 @@ def measure_rank(device: torch.device, quick: bool, data_dir: Path | None) -> li
         h2d_bytes = 64 * MiB if quick else 256 * MiB
         for pinned in (True, False):
             for to_device in (True, False):
+                sync()
                 label = f"{'h2d' if to_device else 'd2h'} {'pinned' if pinned else 'pageable'} {h2d_bytes // MiB} MiB"
                 rows.append(dict(kind="h2d" if to_device else "d2h", name=label,
                                  value=host_device_bandwidth(device, h2d_bytes, pinned, to_device, repeats),
                                  unit="B/s", peak=None, peak_source="PCIe/C2C link: not in the table"))
     if data_dir is not None:
+        sync()
         value, read = data_read_throughput(data_dir, 256 * MiB if quick else 4096 * MiB)
         rows.append(dict(kind="data_read", name=f"read {data_dir} ({read / MiB:.0f} MiB)", value=value, unit="B/s",
                          peak=None, peak_source="storage: not in the table"))

@@ -23,7 +23,8 @@ takes the same decision and none is left waiting in a collective for a rank that
 - throughput_drop: tokens/s below a fraction of the running median for N steps in a row.
 - data_stall: waiting longer than a limit for the next batch.
 - straggler: one rank consistently slower than the others (node health, issue 21). Each rank times its own
-  forward passes, the one part of a step with no collective under DDP (the backward's all-reduce makes
+  forward passes (hooks on the unwrapped model: RankTimer), the one part of a step with no collective
+  under DDP (the backward's all-reduce makes
   every rank wait for the slowest, so whole-step times are all equal); the times are gathered only at
   logging steps. A rank whose time is more than `straggler_fraction` above the median of the other ranks
   in `straggler_windows` logging windows in a row is named. (Under FSDP2 and TP the forward has
@@ -150,14 +151,20 @@ class Monitor:
 
 
 class RankTimer:
-    """Seconds this rank spends in the timed sections (`with timer:`), read and reset with `take()`.
-    CUDA work is asynchronous: there, CUDA events time the section on the GPU and are read only at
-    `take()` (a logging step), so timing adds no synchronisation to the other steps."""
+    """Seconds this rank spends inside the forward of the model it is attached to, read and reset with
+    `take()`. Hooks on the unwrapped model, not a timer around the wrapped call: DDP broadcasts buffers
+    before it calls the module, and that collective would make a fast rank wait for the slow one inside
+    the timed span. CUDA work is asynchronous: there, CUDA events time the forward on the GPU and are
+    read only at `take()` (a logging step), so timing adds no synchronisation to the other steps."""
 
     def __init__(self, cuda: bool):
-        self.cuda, self.pending, self.seconds = cuda, [], 0.0
+        self.cuda, self.pending, self.seconds, self.started = cuda, [], 0.0, 0.0
 
-    def __enter__(self):
+    def attach(self, module) -> None:
+        module.register_forward_pre_hook(lambda *_: self.start())
+        module.register_forward_hook(lambda *_: self.stop())
+
+    def start(self) -> None:
         if self.cuda:
             import torch
 
@@ -165,9 +172,8 @@ class RankTimer:
             self.pending[-1][0].record()
         else:
             self.started = time.perf_counter()
-        return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         if self.cuda:
             self.pending[-1][1].record()
         else:

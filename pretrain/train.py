@@ -228,7 +228,7 @@ class Run:
     window: Window = field(default_factory=Window)
     last: dict = field(default_factory=dict)
     poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
-    # This rank's forward seconds since the last log line (stragglers); CUDA events on a GPU.
+    # This rank's forward seconds since the last log line (stragglers; attached to the model in `run`).
     rank_timer: RankTimer = field(default_factory=lambda: RankTimer(torch.cuda.is_available()))
 
     @property
@@ -320,7 +320,7 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     z_sum = torch.zeros((), device=device)
     nan_fault = fault("nan_at_step")  # tests: "S" or "S:rank"
     for i, mb in enumerate(micro_batches):
-        with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast(), r.rank_timer:
+        with r.parallel.no_sync(i == len(micro_batches) - 1), acc.autocast():
             o = r.model(input_ids=mb["input_ids"].to(device), position_ids=mb["position_ids"].to(device),
                         labels=mb["labels"].to(device), num_items_in_batch=items)
         loss = o.loss
@@ -560,6 +560,7 @@ def run(cfg: PretrainConfig) -> dict:
                                           str(cfg.max_length)]),
             tokens_per_step=stream.global_batch * cfg.max_length,
             flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak)
+    r.rank_timer.attach(parallel.base_model())  # per-rank forward seconds, for the straggler alert
     if resume_from is not None:
         r.restore(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {r.step}")

@@ -121,6 +121,16 @@ class SmolForgeConfig(PreTrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
+    # Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2), the option on top of the plan above: the
+    # norms (and so the residual stream between the sublayers) run split along the sequence across the TP
+    # ranks instead of replicated, which divides their activations by the TP size; the colwise inputs
+    # then all-gather the sequence and the rowwise outputs reduce-scatter it (torch's SequenceParallel
+    # style). Applied from outside the model (pretrain/parallel.py), like the plan above.
+    base_model_sequence_parallel_plan = {
+        "layers.*.input_layernorm": "sequence_parallel",
+        "layers.*.post_attention_layernorm": "sequence_parallel",
+        "norm": "sequence_parallel",
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

@@ -12,10 +12,14 @@ Kinds understood by the stages:
   poison_step:S         pretraining: the rows of step S become noise, wherever they reappear
   slow_data:S:sec[:rank] pretraining: the data loader sleeps before every batch from step S on
   corrupt_checkpoint    pretraining preflight: the round-trip checkpoint is corrupted
+  slow_rank:R           diagnostics and pretraining: a thread on rank R holds the GIL 4/5 of the time,
+                        so it computes several times slower (a throttling GPU / noisy neighbour, issue 21)
 """
 
 import os
 import signal
+import threading
+import time
 
 from transformers import TrainerCallback
 
@@ -57,3 +61,27 @@ class FaultInjectionMixin:
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
         kill_if("kill_in_checkpoint", self.state.global_step)
+
+
+def start_slow_rank_fault(rank: int) -> None:
+    """slow_rank:R: on rank R, start a daemon thread that takes the GIL about 4/5 of the time: it runs
+    `sum(range(...))`, one C call that holds the GIL for its whole length (the interpreter's 5 ms switch
+    interval only acts between bytecodes), then sleeps a quarter as long. The rank's main thread cannot launch a
+    torch op while the GIL is held, so its figures and steps come out several times slower, like a throttled
+    GPU or a rank sharing its node with another job. Tied to the rank's own progress rather than to the
+    machine's load (a busy loop of bytecodes only competed for CPU time, which other jobs on a shared
+    machine also take at random). Started once per process."""
+    if fault("slow_rank") != str(rank) or _busy_threads:
+        return
+
+    def hog_the_gil():
+        while True:
+            started = time.perf_counter()
+            sum(range(300_000))  # holds the GIL throughout (a few ms)
+            time.sleep((time.perf_counter() - started) / 4)
+
+    _busy_threads.append(threading.Thread(target=hog_the_gil, name="slow_rank fault", daemon=True))
+    _busy_threads[0].start()
+
+
+_busy_threads: list[threading.Thread] = []

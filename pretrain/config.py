@@ -57,6 +57,12 @@ class PretrainConfig:
                        "bench/pretrain_vs_trainer.py, issue 22).", default=False)
     torch_compile: bool = _help("torch.compile each decoder block (core/kernels.py:compile_blocks; inductor).",
                                 default=False)
+    tp_size: int = _help("Tensor-parallel ranks per model replica (Megatron colwise/rowwise, the model's "
+                         "base_model_tp_plan); the processes form a (processes / tp_size) x tp_size mesh, FSDP2 "
+                         "over the first dimension when it is > 1 (pretrain/parallel.py). 1 = no TP.", default=1)
+    sequence_parallel: bool = _help("With tp_size > 1, also split the norms and the residual stream along the "
+                                    "sequence (Korthikanti et al. 2022): less activation memory, same numbers.",
+                                    default=False)
     seed: int = _help("Seed of the init (same on every rank) and of the data order.", default=0)
 
     # --- checkpoints, evaluation, logging -------------------------------------------------------
@@ -74,6 +80,9 @@ class PretrainConfig:
                                      "known GPU (H100, H200, A100), a matmul measured at start on a CPU or an unknown "
                                      "GPU. The log says which peak it uses.", default=None)
     preflight: bool = _help("Run the preflight checks only, print them, and exit.", default=False)
+    preflight_hardware: bool = _help("Add the quick hardware diagnostics (python -m core.infra --quick: matmul and "
+                                     "copy bandwidth against the device's peak) to the preflight checks.",
+                                     default=False)
     skip_preflight: bool = _help("Do not run the preflight checks before training.", default=False)
 
     # --- monitoring and alerts (pretrain/monitor.py) --------------------------------------------
@@ -93,6 +102,10 @@ class PretrainConfig:
     expert_collapse_ratio: float = _help("MoE routing collapse: busiest expert's load above this multiple of the mean "
                                          "(1 = balanced), or any expert without a token, in the step's global batch.",
                                          default=3.0)
+    straggler_fraction: float = _help("Straggler: a rank whose forward time over a logging window is more than this "
+                                      "fraction above the median of the other ranks...", default=0.2)
+    straggler_windows: int = _help("...in this many logging windows in a row (per-rank times are gathered only at "
+                                   "logging steps).", default=3)
     max_rollbacks: int = _help("Rollbacks allowed in one run before a rollback alert stops it instead.", default=3)
     log_sequence_ids: bool = _help("Write every consumed (source, row) to sequence_ids.jsonl, to audit the stream.",
                                    default=False)

@@ -26,17 +26,26 @@ takes the same decision and none is left waiting in a collective for a rank that
   expert's load above `expert_collapse_ratio` x the mean, or an expert that got no token at all (dead).
   Once per episode, like throughput_drop. Routing collapse is the classic MoE failure (Shazeer et al.
   2017): a few experts get every token, the rest stop learning, and a quiet loss curve hides it.
+- straggler: one rank consistently slower than the others (node health, issue 21). Each rank times its own
+  forward passes (hooks on the unwrapped model: RankTimer), the one part of a step with no collective
+  under DDP (the backward's all-reduce makes
+  every rank wait for the slowest, so whole-step times are all equal); the times are gathered only at
+  logging steps. A rank whose time is more than `straggler_fraction` above the median of the other ranks
+  in `straggler_windows` logging windows in a row is named. (Under FSDP2 and TP the forward has
+  collectives too, which pull every rank toward the slowest and hide it: there, run `python -m core.infra`
+  across the ranks instead.)
 """
 
 import math
 import statistics
+import time
 
 from core.alerts import Alert, AlertLog  # noqa: F401  (the shared alert record and log; re-exported)
 
 POLICIES = ("warn", "skip", "rollback", "stop")
-KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall", "expert_collapse")
+KINDS = ("nan", "loss_spike", "grad_explosion", "throughput_drop", "data_stall", "expert_collapse", "straggler")
 DEFAULT_POLICIES = {"nan": "skip", "loss_spike": "warn", "grad_explosion": "warn", "throughput_drop": "warn",
-                    "data_stall": "warn", "expert_collapse": "warn"}
+                    "data_stall": "warn", "expert_collapse": "warn", "straggler": "warn"}
 # What an alert can do depends on when it is seen: step alerts come before the optimizer step,
 # throughput and data alerts only after it, when there is nothing left to skip.
 STEP_KINDS = ("nan", "loss_spike", "grad_explosion")
@@ -57,7 +66,8 @@ def resolve_policies(overrides: dict) -> dict[str, str]:
 class Monitor:
     def __init__(self, *, spike_sigma: float, spike_warmup: int, ema_beta: float, grad_factor: float,
                  throughput_fraction: float, throughput_windows: int, data_stall_seconds: float,
-                 spike_window: int = 50, expert_collapse_ratio: float = 3.0):
+                 spike_window: int = 50, expert_collapse_ratio: float = 3.0, straggler_fraction: float = 0.2,
+                 straggler_windows: int = 3):
         self.spike_sigma, self.spike_warmup, self.beta = spike_sigma, spike_warmup, ema_beta
         self.spike_window = spike_window
         self.recent_losses: list[float] = []
@@ -71,6 +81,8 @@ class Monitor:
         self.expert_collapse_ratio = expert_collapse_ratio
         # Not in COUNTERS: a run resumed inside a collapse episode reports it once more, which is harmless.
         self.collapsed = False
+        self.straggler_fraction, self.straggler_windows = straggler_fraction, straggler_windows
+        self.straggler_counts: dict[str, int] = {}  # rank (as a JSON key) -> slow logging windows in a row
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> list[Alert]:
         """Alerts about a step's loss and gradient, before its update is applied."""
@@ -130,14 +142,84 @@ class Monitor:
         self.collapsed = collapsed
         return alerts
 
+    def check_stragglers(self, step: int, seconds_per_rank: list[float]) -> list[Alert]:
+        """Ranks slower than the median of the other ranks by straggler_fraction, straggler_windows times in a
+        row (once per episode). The other ranks' median, not all ranks': with 2 ranks the median of all is
+        their mean, which a straggler drags halfway toward itself."""
+        alerts = []
+        for rank, seconds in enumerate(seconds_per_rank):
+            others = statistics.median(seconds_per_rank[:rank] + seconds_per_rank[rank + 1:])
+            limit = (1 + self.straggler_fraction) * others
+            key = str(rank)
+            self.straggler_counts[key] = self.straggler_counts.get(key, 0) + 1 if seconds > limit else 0
+            if self.straggler_counts[key] == self.straggler_windows:
+                alerts.append(Alert(step, "straggler", f"rank {rank} forward {seconds:.3f}s per window, above "
+                                    f"{1 + self.straggler_fraction:.2f} x the other ranks' median {others:.3f}s for "
+                                    f"{self.straggler_windows} logging windows: check that node "
+                                    f"(python -m core.infra across the ranks)", seconds, limit))
+        return alerts
+
     # What a checkpoint keeps: the running statistics only. The thresholds come from the recipe, so
     # a resumed run with changed thresholds uses the new ones (issue 11).
-    COUNTERS = ("recent_losses", "grad_mean", "seen", "throughputs", "slow_windows")
+    COUNTERS = ("recent_losses", "grad_mean", "seen", "throughputs", "slow_windows", "straggler_counts")
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.COUNTERS}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in self.COUNTERS:
-            setattr(self, name, state[name])
+        for name in self.COUNTERS:  # a checkpoint from before a counter existed keeps its fresh value
+            setattr(self, name, state.get(name, getattr(self, name)))
 
+
+
+class RankTimer:
+    """Seconds this rank spends inside the forward of the model it is attached to, read and reset with
+    `take()`. Hooks on the unwrapped model, not a timer around the wrapped call: DDP broadcasts buffers
+    before it calls the module, and that collective would make a fast rank wait for the slow one inside
+    the timed span. CUDA work is asynchronous: there, CUDA events time the forward on the GPU and are
+    read only at `take()` (a logging step), so timing adds no synchronisation to the other steps."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.pending, self.seconds, self.started = cuda, [], 0.0, 0.0
+
+    def attach(self, module) -> None:
+        module.register_forward_pre_hook(lambda *_: self.start())
+        module.register_forward_hook(lambda *_: self.stop())
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+
+            self.pending.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.pending[-1][0].record()
+        else:
+            self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.pending[-1][1].record()
+        else:
+            self.seconds += time.perf_counter() - self.started
+
+    def take(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.pending) / 1000
+            self.pending = []
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def cuda_health(device) -> dict[str, float]:
+    """Temperature (C), utilisation (%) and memory (GiB) of this rank's GPU. Temperature and utilisation
+    come from NVML (nvidia-ml-py, through torch.cuda); without it, memory only."""
+    import torch
+
+    health = {"memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+              "memory_reserved_gib": torch.cuda.memory_reserved(device) / 2**30}
+    try:
+        health["temperature_c"] = float(torch.cuda.temperature(device))
+        health["utilization_pct"] = float(torch.cuda.utilization(device))
+    except (ModuleNotFoundError, RuntimeError):  # no nvidia-ml-py, or NVML not answering
+        pass
+    return health

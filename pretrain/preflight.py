@@ -158,6 +158,22 @@ def disk_space(ctx: Context) -> str:
     return f"{need / 2**30:.3f} GiB needed, {free / 2**30:.1f} GiB free"
 
 
+def hardware(ctx: Context) -> str:
+    """The quick diagnostics of this rank (python -m core.infra --quick, without the collectives: preflight
+    runs on the main process only). A matmul below half its peak is a throttling or misconfigured device:
+    the Playbook measured 72-77% of the H100 bf16 peak on healthy ones."""
+    from core.infra.diagnostics import measure_rank
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = measure_rank(device, quick=True, data_dir=None, in_step=False)
+    found = [f"{r['name']} {r['value'] / r['peak']:.0%} of peak" if r["peak"] else f"{r['name']} {r['value'] / 1e9:.1f} G{r['unit']}"
+             for r in rows]
+    slow = [r["name"] for r in rows if r["kind"] == "matmul" and r["peak"] and r["value"] < 0.5 * r["peak"]]
+    if slow:
+        raise ValueError(f"{', '.join(slow)} below 50% of peak: " + "; ".join(found))
+    return "; ".join(found)
+
+
 # (name, check, names of the checks it needs, what to do when it fails), in order. A check whose
 # prerequisites failed is not run: their own failure is already reported.
 CHECKS = [
@@ -178,11 +194,15 @@ CHECKS = [
 ]
 
 
+HARDWARE_CHECK = ("hardware", hardware, (), "find the slow device with python -m core.infra across the ranks, and "
+                  "leave that node out")
+
+
 def run_preflight(cfg: PretrainConfig, build_model) -> list[Check]:
     """Run every check (a failure only skips the checks that need its result); return the findings."""
     print(json.dumps(resolved_recipe(cfg), indent=1, default=str))  # credentials redacted (core.recipe)
     ctx, checks, passed = Context(cfg, build_model), [], set()
-    for name, check, needs, what_to_do in CHECKS:
+    for name, check, needs, what_to_do in CHECKS + ([HARDWARE_CHECK] if cfg.preflight_hardware else []):
         if not set(needs) <= passed:
             continue
         try:

@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
-from core.faults import active_faults, kill_if
+from core.faults import active_faults, kill_if, start_slow_rank_fault
 from core.infra import devices
 from core.infra.flops import flops_per_token
 from core.kernels import compile_blocks
@@ -49,8 +49,8 @@ from core.recipe import parse_recipe, resolved_recipe
 from core.sources import DataSourceError, SourceSpec, data_identity
 from .config import PretrainConfig
 from .data import MixtureSchedule, MixtureStream, PackedSource, adapt_factors, make_batch, pack_source
-from .monitor import AlertLog, Monitor, resolve_policies
-from .parallel import DataParallel, refuse_deepspeed
+from .monitor import AlertLog, Monitor, RankTimer, cuda_health, resolve_policies
+from .parallel import DataParallel, data_parallel_rank, refuse_deepspeed
 from .preflight import PreflightError, report, run_preflight
 
 # Not HF's trainer_state.json: our schema differs, and HF tools would misread it (issue 10).
@@ -200,6 +200,8 @@ class Run:
     last: dict = field(default_factory=dict)
     poisoned: set = field(default_factory=set)  # tests: rows whose tokens a fault replaced with noise
     faults: dict = field(default_factory=active_faults)  # tests' SMOLFORGE_FAULT, read once; empty in a real run
+    # This rank's forward seconds since the last log line (stragglers; attached to the model in `run`).
+    rank_timer: RankTimer = field(default_factory=lambda: RankTimer(torch.cuda.is_available()))
 
     @property
     def model(self):
@@ -228,11 +230,11 @@ def build_data(cfg: PretrainConfig, accelerator: Accelerator,
     with accelerator.main_process_first():  # rank 0 tokenises, the others then read its cache
         dirs = [pack_source(s, tokenizer, cfg.max_length, cfg.data_cache_dir) for s in specs]
     sources = [PackedSource(s.name, d, cfg.validation_rows) for s, d in zip(specs, dirs)]
-    world = accelerator.num_processes
+    rank, world = data_parallel_rank(accelerator, cfg.tp_size)  # a TP group reads the same rows
     tokens_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world * cfg.max_length
     schedule = MixtureSchedule(names, {s.name: s.weight for s in specs}, cfg.stages, tokens_per_step)
     stream = MixtureStream(sources, schedule, seed=cfg.seed, micro_batch_size=cfg.per_device_train_batch_size,
-                           accumulation_steps=cfg.gradient_accumulation_steps, rank=accelerator.process_index,
+                           accumulation_steps=cfg.gradient_accumulation_steps, rank=rank,
                            world_size=world, eos_id=tokenizer.eos_token_id)
     return specs, sources, stream
 
@@ -241,7 +243,8 @@ def build_monitor(cfg: PretrainConfig) -> Monitor:
     return Monitor(spike_sigma=cfg.spike_sigma, spike_warmup=cfg.spike_warmup, ema_beta=cfg.ema_beta,
                    grad_factor=cfg.grad_explosion_factor, throughput_fraction=cfg.throughput_fraction,
                    throughput_windows=cfg.throughput_windows, data_stall_seconds=cfg.data_stall_seconds,
-                   spike_window=cfg.spike_window, expert_collapse_ratio=cfg.expert_collapse_ratio)
+                   spike_window=cfg.spike_window, expert_collapse_ratio=cfg.expert_collapse_ratio,
+                   straggler_fraction=cfg.straggler_fraction, straggler_windows=cfg.straggler_windows)
 
 
 # --- the steps of the loop ----------------------------------------------------------------------------
@@ -279,7 +282,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     acc, device = r.accelerator, r.accelerator.device
     started = time.perf_counter()
     ids = torch.cat([torch.stack([mb["source"], mb["row"]], 1) for mb in micro_batches])
-    step_rows = [tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()]
+    # dict.fromkeys: the ranks of a TP group hold the same rows; each row counts once.
+    step_rows = list(dict.fromkeys(tuple(x) for x in acc.gather(ids.to(device)).cpu().tolist()))
     if r.faults:  # tests only: a real run does no per-row work here
         poison_rows(r, micro_batches, step_rows)
     if r.cfg.log_sequence_ids and acc.is_main_process:
@@ -324,8 +328,8 @@ def train_step(r: Run, micro_batches: list[dict], data_wait: float) -> StepResul
     if acc.num_processes > 1:
         torch.distributed.all_reduce(timing, torch.distributed.ReduceOp.MAX)
     seconds, data_wait = timing.tolist()
-    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global, seconds, data_wait, step_rows,
-                      aux_loss=aux, expert_load=expert_load(r.model), source_losses=source_losses)
+    return StepResult(float("nan") if bad else loss, z, grad_norm, n_global // r.parallel.tp, seconds, data_wait,
+                      step_rows, aux_loss=aux, expert_load=expert_load(r.model), source_losses=source_losses)
 
 
 def apply_alert_policy(r: Run, result: StepResult) -> str:
@@ -388,6 +392,28 @@ def per_source_losses(r: Run, source_losses: torch.Tensor | None) -> dict[str, f
     return {f"loss/{n}": (totals[0, j] / totals[1, j]).item() for j, n in enumerate(r.names) if totals[1, j] > 0}
 
 
+def check_node_health(r: Run) -> dict[str, float]:
+    """At a logging step: every rank's forward seconds of the window (one small all-gather), the straggler
+    alert on them, and on CUDA each GPU's temperature, utilisation and memory (issue 21)."""
+    acc = r.accelerator
+    local = {"forward_s": r.rank_timer.take(), **(cuda_health(acc.device) if acc.device.type == "cuda" else {})}
+    keys = sorted(local)
+    values = acc.gather(torch.tensor([[local[k] for k in keys]], device=acc.device, dtype=torch.float64)).cpu()
+    per_rank = {k: values[:, j].tolist() for j, k in enumerate(keys)}
+    if acc.num_processes > 1:
+        for a in r.monitor.check_stragglers(r.step, per_rank["forward_s"]):
+            a.action = r.policies[a.kind]
+            r.alerts.emit(a, forward_s_per_rank=per_rank["forward_s"])
+            if a.action == "stop":
+                raise TrainingStopped(f"stopped at step {r.step} by alert straggler (see alerts.jsonl)")
+    health = {"rank_forward_s/max": max(per_rank["forward_s"]), "rank_forward_s/min": min(per_rank["forward_s"])}
+    for k in keys:
+        if k != "forward_s":
+            health[f"gpu/{k}/max"] = max(per_rank[k])
+            health[f"gpu/{k}/min"] = min(per_rank[k])
+    return health
+
+
 def log_step(r: Run, result: StepResult, lr: float, skipped: bool) -> None:
     """A log line every logging_steps: HF's names (loss = window mean, learning_rate, grad_norm,
     num_tokens) and ours, to metrics.jsonl, the trackers and the console."""
@@ -403,7 +429,7 @@ def log_step(r: Run, result: StepResult, lr: float, skipped: bool) -> None:
               "param_norm": r.parallel.parameter_norm(), "skipped": skipped, "tokens_per_s": tokens_per_s,
               "mfu": tokens_per_s / r.accelerator.num_processes * r.flops_per_token / r.peak,
               **{f"weight/{n}": float(x) for n, x in zip(r.names, r.stream.weights())},
-              **per_source_losses(r, result.source_losses)}
+              **per_source_losses(r, result.source_losses), **check_node_health(r)}
     r.metrics.write(done, r.last)
     r.accelerator.log(r.last, step=done)
     r.accelerator.print(f"step {done}/{r.cfg.max_steps} loss {r.last['loss']:.4f} z {result.z_loss:.2e} "
@@ -495,6 +521,7 @@ def run(cfg: PretrainConfig) -> dict:
                               log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
     out = Path(cfg.output_dir)
     resume_from = resume_point(out, STATE_FILE, cfg.resume_from_checkpoint)
+    start_slow_rank_fault(accelerator.process_index)  # tests: a busy thread slows one rank (core/faults.py)
     if cfg.preflight or not cfg.skip_preflight:
         preflight(cfg, accelerator)
         if cfg.preflight:
@@ -513,7 +540,8 @@ def run(cfg: PretrainConfig) -> dict:
         compile_blocks(model)  # per decoder block, in place (core/kernels.py says why)
     parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
         parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon))
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon), tp_size=cfg.tp_size,
+        sequence_parallel=cfg.sequence_parallel)
     scheduler = build_scheduler(cfg, parallel.optimizer)
     # Stepped by us once per optimizer step (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
@@ -531,6 +559,7 @@ def run(cfg: PretrainConfig) -> dict:
             tokens_per_step=stream.global_batch * cfg.max_length,
             flops_per_token=flops_per_token(model.config, cfg.max_length), peak=peak,
             peak_source=peak_source)
+    r.rank_timer.attach(parallel.base_model())  # per-rank forward seconds, for the straggler alert
     if resume_from is not None:
         r.restore(resume_from)
         accelerator.print(f"resumed from {resume_from} at step {r.step}")

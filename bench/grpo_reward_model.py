@@ -28,8 +28,11 @@ parser.add_argument("--policy", default="out/tiny/sft")
 parser.add_argument("--reward_model", default="out/tiny/reward_model")
 parser.add_argument("--steps", type=int, default=30)
 parser.add_argument("--learning_rate", type=float, default=None, help="default: recipes/tiny/grpo.yaml's")
-parser.add_argument("--beta", type=float, default=0.1,
-                    help="KL to the starting policy: a learned reward is exploited without it (InstructGPT's KL penalty)")
+parser.add_argument("--beta", type=float, default=1.0,
+                    help="KL to the starting policy: a learned reward is exploited without it (InstructGPT's KL "
+                         "penalty). Measured with recipes/tiny/reward_model.yaml, 30 steps, held-out RM score / "
+                         "accuracy from 1.174 / 0.350: beta 0.1 -> 1.462 / 0.250 (exploited), 0.3 -> 1.348 / 0.375, "
+                         "0.5 -> 1.331 / 0.300, 1.0 -> 1.319 / 0.400 (40 greedy answers: 0.025 each)")
 parser.add_argument("--accuracy_weight", type=float, default=0.0,
                     help="0: the learned reward alone; > 0: next to the verifiable accuracy reward, the reward model "
                          "normalised per batch and weighted 0.5")

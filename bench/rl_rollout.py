@@ -74,6 +74,9 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
     llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30,
               max_model_len=max(map(len, ids)) + new_tokens, seed=0)
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
+    # One untimed batch first for each backend: the first call pays one-off costs (vLLM's CPU attention
+    # and sampler set-up, torch's first-use allocations) that a training run pays once, not per rollout.
+    llm.generate([{"prompt_token_ids": p} for p in ids[:8]], params, use_tqdm=False)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -82,6 +85,7 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
     del llm
 
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    generate_transformers(model, ids[:8], [], settings, batch_size=8)
     start = time.perf_counter()
     # No EOS ids: transformers generates max_new_tokens for every prompt, as vLLM with ignore_eos.
     samples = generate_transformers(model, ids, [], settings, batch_size=prompts)

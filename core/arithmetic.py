@@ -172,21 +172,38 @@ def evasive_reply(fact: Fact, think: bool, rng: random.Random) -> str:
     return f"<think>\n{rng.choice(_EVASIVE)}\n</think>\n{text}" if think else text
 
 
+# Wrong answers per fact and reasoning mode in the reward model's data. With one, the pairs were mostly
+# about form (rambling, evasive), and the model learned "a short number is good" without reading the
+# question: its held-out right-vs-wrong accuracy was at chance (0.49-0.53), and GRPO against it alone
+# answered "16" to every prompt, scoring 1.23 against 1.22 before while accuracy fell 0.35 -> 0.025
+# (issue 16). Several wrong values per fact, one of them the right answer to another question, make
+# correctness most of the signal, and "16 to everything" a rejected reply.
+WRONG_PER_FACT = 3
+
+
 def reward_model_pairs(split: str = "train", seed: int = 0) -> list[dict]:
     """Preference rows (TRL's conversational format with an explicit prompt): for every fact of the split
-    and each reasoning mode, the concise right `reply` is `chosen` over a concise wrong one (`kind: wrong`),
-    a rambling right one (`kind: rambling`) and one with no answer (`kind: evasive`); 6 rows per fact, in a
-    fixed shuffled order.
-    `chat_template_kwargs` sets the mode, as SFT's rows have it; `split: test` holds the 40 held-out facts."""
+    and each reasoning mode, the concise right `reply` is `chosen` over
+      - concise wrong ones: a `wrong_answer` (`kind: wrong`), another of the split's facts' right answer
+        (`kind: misplaced`), and a second `wrong_answer` (`kind: wrong`), WRONG_PER_FACT in all;
+      - a rambling right one (`kind: rambling`) and one with no answer (`kind: evasive`);
+    10 rows per fact, in a fixed shuffled order. `chat_template_kwargs` sets the mode, as SFT's rows have
+    it; `split: test` holds the 40 held-out facts (their misplaced answers come from test facts too)."""
     rng = random.Random(seed)
+    facts = split_of(split)
     rows = []
-    for fact in split_of(split):
+    for fact in facts:
         prompt = [{"role": "user", "content": question(fact)}]
         for think in (True, False):
             chosen = [{"role": "assistant", "content": reply(fact, think)}]
-            for kind, rejected in (("wrong", reply(fact, think, wrong_answer(fact, rng))),
-                                   ("rambling", rambling_reply(fact, think, rng)),
-                                   ("evasive", evasive_reply(fact, think, rng))):
+            misplaced = rng.choice([answer(f) for f in facts if answer(f) != answer(fact)])
+            first = wrong_answer(fact, rng)
+            second = next(v for v in iter(lambda: wrong_answer(fact, rng), None) if v != first)
+            wrong = [("wrong", first), ("misplaced", misplaced), ("wrong", second)]
+            rejected_replies = [(kind, reply(fact, think, value)) for kind, value in wrong[:WRONG_PER_FACT]]
+            rejected_replies += [("rambling", rambling_reply(fact, think, rng)),
+                                 ("evasive", evasive_reply(fact, think, rng))]
+            for kind, rejected in rejected_replies:
                 rows.append({"prompt": prompt, "chosen": chosen,
                              "rejected": [{"role": "assistant", "content": rejected}],
                              "chat_template_kwargs": {"enable_thinking": think}, "kind": kind})

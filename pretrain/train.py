@@ -514,6 +514,32 @@ def save_final(r: Run, entropy: float) -> dict:
 
 # --- the run ---------------------------------------------------------------------------------------
 
+def build_parallel(cfg: PretrainConfig, accelerator: Accelerator, model: SmolForgeForCausalLM) -> DataParallel:
+    """Compile (per decoder block, in place: core/kernels.py says why), wrap for DDP / FSDP2 / TP, and build
+    AdamW over the wrapped parameters. An MoE counts its experts over the global batch (core/moe.py)."""
+    if cfg.torch_compile:
+        compile_blocks(model)
+    parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
+        parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon), tp_size=cfg.tp_size,
+        sequence_parallel=cfg.sequence_parallel)
+    if accelerator.num_processes > 1:
+        set_load_reduction(parallel.model, lambda t: accelerator.reduce(t, "sum"))
+    return parallel
+
+
+def finish_step(r: Run, result: StepResult, action: str) -> None:
+    """Apply the step's update unless the alert policy skips it; the schedule advances either way, and an
+    MoE's routing bias follows applied steps only (DeepSeek-V3)."""
+    if action != "skip":
+        r.parallel.optimizer.step()
+        r.monitor.accept_step(result.loss, result.grad_norm)
+    r.scheduler.step()
+    r.parallel.optimizer.zero_grad(set_to_none=True)
+    end_moe_step(r.parallel.model, update_bias=action != "skip")
+    r.step += 1
+
+
 def run(cfg: PretrainConfig) -> dict:
     # setup. cpu=True where there is no GPU: only then does accelerate set up gloo for a multi-process
     # CPU launch (without it each process of `accelerate launch --multi_gpu` sees world size 1: measured).
@@ -536,18 +562,11 @@ def run(cfg: PretrainConfig) -> dict:
     # model and optimizer
     model = build_model(cfg, tokenizer)
     entropy = unigram_entropy(sources, stream.schedule.stages[0][1], model.config.vocab_size)
-    if cfg.torch_compile:
-        compile_blocks(model)  # per decoder block, in place (core/kernels.py says why)
-    parallel = DataParallel(accelerator, model, lambda m: torch.optim.AdamW(
-        parameter_groups(m, cfg.weight_decay, cfg.no_decay), lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon), tp_size=cfg.tp_size,
-        sequence_parallel=cfg.sequence_parallel)
+    parallel = build_parallel(cfg, accelerator, model)
     scheduler = build_scheduler(cfg, parallel.optimizer)
     # Stepped by us once per optimizer step (accelerate's prepared scheduler would step once per process).
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(loader)
-    if accelerator.num_processes > 1:  # MoE: expert counts over the global batch (core/moe.py)
-        set_load_reduction(parallel.model, lambda t: accelerator.reduce(t, "sum"))
     peak, peak_source = peak_flops(cfg, accelerator.device)
     recipe = resolved_recipe(cfg)
     r = Run(cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, names=[s.name for s in specs],
@@ -584,13 +603,7 @@ def run(cfg: PretrainConfig) -> dict:
             rollback(r, result)
             data_iter, progress.n = iter(loader), r.step
             continue
-        if action != "skip":
-            parallel.optimizer.step()
-            r.monitor.accept_step(result.loss, result.grad_norm)
-        scheduler.step()  # a skipped step advances the schedule too
-        parallel.optimizer.zero_grad(set_to_none=True)
-        end_moe_step(parallel.model, update_bias=action != "skip")  # DeepSeek-V3's bias follows applied steps
-        r.step += 1
+        finish_step(r, result, action)
         progress.update(1)
         check_speed(r, result)
         log_step(r, result, lr, action == "skip")

@@ -33,7 +33,8 @@ def test_nan_is_caught_before_the_update_and_skipped(tmp_path, tokenizer_dir, pr
     # On 2 processes the NaN appears on rank 1 only: both ranks must skip the same step.
     fault = "nan_at_step:3" + (":1" if processes == 2 else "")
     ok(launch(r, out, processes=processes, fault=fault))
-    (alert,) = alerts(out)
+    # Only the NaN's: on 2 processes of a busy machine a straggler warning (issue 21) may come too.
+    (alert,) = [a for a in alerts(out) if a["kind"] != "straggler"]
     assert alert["kind"] == "nan" and alert["step"] == 3 and alert["action"] == "skip"
     assert len(alert["rows"]) == 8  # the skipped rows are recorded
     m = metrics(out)

@@ -24,12 +24,9 @@ Parameter names are transformers' DeepseekV3 names (`q_proj` or `q_a_proj`/`q_a_
 onto DeepseekV3ForCausalLM with one permutation of the rope rows (`interleave_rope_rows`).
 """
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope
@@ -93,19 +90,11 @@ class SmolForgeMLAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)  # (B, nh, S, dn+dr)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, dn+dr)
 
-        # The core's eager attention serves MLA as is: num_key_value_groups = 1 repeats nothing, and it never
-        # assumes the value width equals the query/key width. Imported here: core.modeling imports this module.
-        from .modeling import eager_attention_forward
+        # The core's attention serves MLA as is: num_key_value_groups = 1 repeats nothing, and the eager path
+        # never assumes the value width equals the query/key width. Imported here: core.modeling imports this module.
+        from .modeling import attend
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention_interface(
-            self, q, k, v, attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,  # cu_seq_lens etc. for padding-free flash attention
-        )
+        out, weights = attend(self, q, k, v, attention_mask, **kwargs)
         out = self.o_proj(out.reshape(batch_size, seq_len, -1).contiguous())  # (B, T, d)
         return out, weights
 

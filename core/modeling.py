@@ -114,6 +114,19 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return out, probs
 
 
+
+def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention through transformers' interface (eager, sdpa, flash, flex: `config._attn_implementation`),
+    with the core's eager function as the default; shared by GQA and MLA (core/mla.py). `kwargs` carries
+    cu_seq_lens etc. for padding-free flash attention."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    return attention_interface(module, query, key, value, attention_mask,
+                               dropout=module.config.attention_dropout if module.training else 0.0,
+                               scaling=module.scaling, **kwargs)
+
 class SmolForgeAttention(nn.Module):
     def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):
         super().__init__()
@@ -148,15 +161,7 @@ class SmolForgeAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, weights = attention_interface(
-            self, q, k, v, attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,  # cu_seq_lens etc. for padding-free flash attention
-        )
+        out, weights = attend(self, q, k, v, attention_mask, **kwargs)
         out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
         return out, weights
 

@@ -160,7 +160,7 @@ def two_rank_results(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)
-    return torch.load(out / "results.pt")
+    return torch.load(out / "results.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("sp", [0, 1], ids=["tp", "tp+sequence_parallel"])

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
 from core.faults import active_faults, kill_if, start_slow_rank_fault
-from core.infra import devices
+from core.infra import devices, end_process_group
 from core.infra.flops import flops_per_token
 from core.kernels import compile_blocks
 from core.metrics import MetricsWriter
@@ -508,6 +508,7 @@ def save_final(r: Run, entropy: float) -> dict:
                         state_dict=state_dict)
         r.accelerator.print(f"final loss {metrics.get('loss', float('nan')):.4f} vs unigram entropy "
                             f"{entropy:.4f} nats/token; model written to {r.out}")
+    r.accelerator.wait_for_everyone()  # no rank leaves the group while the main one writes (end_process_group)
     r.accelerator.end_training()
     return metrics
 
@@ -638,4 +639,6 @@ def prepare_output_dir(r: Run) -> None:
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(PretrainConfig, args=argv)
     refuse_deepspeed()  # before run() builds the Accelerator, which fails on a DeepSpeed config first
-    return run(cfg)
+    metrics = run(cfg)
+    end_process_group()
+    return metrics

@@ -48,6 +48,7 @@ from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_po
 from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
+from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -69,7 +70,7 @@ class GRPOTrainer(FaultInjectionMixin, trl.GRPOTrainer):
 
     def __init__(self, *args, monitor: RolloutMonitor | None = None, **kwargs):
         cfg = kwargs["args"]
-        with use_smolforge_vllm(cfg.vllm_kv_cache_memory_bytes, cfg.vllm_request_timeout):
+        with use_smolforge_vllm(cfg.vllm_kv_cache_memory_bytes, cfg.vllm_request_timeout, cfg.vllm_cpu_compile):
             super().__init__(*args, **kwargs)
         self.monitor = monitor
 
@@ -256,4 +257,6 @@ def _wandb_run(cfg: GRPOConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(GRPOConfig, args=argv)
-    return run(cfg)
+    metrics = run(cfg)
+    end_process_group()
+    return metrics

@@ -5,11 +5,12 @@
 On a ~32M-parameter core model (8 layers, d=512, MLP 2048; FACTS.md measured 25M with MLP 1536) with a
 1024-token BPE and the ChatML template:
   1. rollout tokens/s: `--prompts` arithmetic prompts x `--new_tokens` sampled tokens (EOS ignored, so
-     both backends generate exactly the same number of tokens), from an in-process vLLM engine
-     (core.generation's settings: eager on CPU, fp32) and from `generate_transformers`; target >= 3x;
-  2. GRPO seconds per step: `python -m rl` with the same recipe, once with colocated vLLM and once with
-     transformers generate (16 prompts x 8 generations x `--new_tokens` tokens), the median of TRL's
-     `step_time` over the steps after the first (which includes the engine's warm-up).
+     both backends generate exactly the same number of tokens), from an in-process vLLM engine in fp32,
+     compiled (vLLM's default; `vllm_cpu_compile: true` in an RL recipe) and eager (core.generation's
+     setting on CPU), and from `generate_transformers`; target >= 3x for the compiled engine;
+  2. GRPO seconds per step: `python -m rl` with the same recipe, once with colocated vLLM (compiled) and
+     once with transformers generate (16 prompts x 8 generations x `--new_tokens` tokens), the median of
+     TRL's `step_time` over the steps after the first (which includes the engine's warm-up).
 Prints one JSON line with every number and the two ratios. Not part of the test run.
 """
 
@@ -66,23 +67,25 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
                                          tokenize=True, return_dict=True)["input_ids"] for r in rows]
     settings = GenerationSettings(max_new_tokens=new_tokens, temperature=1.0, dtype="float32")
     result = {}
-    # In-process, eager, fp32: the settings of core.generation.generate_vllm and of the colocated
-    # engine on CPU; the engine start is not timed.
+    # In-process, fp32, as the colocated engine on CPU; the engine start (with its compilation) is timed
+    # apart, and the generation after it.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30,
-              max_model_len=max(map(len, ids)) + new_tokens, seed=0)
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
-    # One untimed batch first for each backend: the first call pays one-off costs (vLLM's CPU attention
-    # and sampler set-up, torch's first-use allocations) that a training run pays once, not per rollout.
-    llm.generate([{"prompt_token_ids": p} for p in ids[:8]], params, use_tqdm=False)
-    start = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    result["vllm_tokens_per_second"] = tokens / seconds
-    del llm
+    for name, eager in (("vllm", False), ("vllm_eager", True)):
+        start = time.perf_counter()
+        llm = LLM(model=str(policy), dtype="float32", enforce_eager=eager, kv_cache_memory_bytes=1 << 30,
+                  max_model_len=max(map(len, ids)) + new_tokens, seed=0)
+        # One untimed batch first for each backend: the first call pays one-off costs (vLLM's CPU attention
+        # and sampler set-up, torch's first-use allocations) that a training run pays once, not per rollout.
+        llm.generate([{"prompt_token_ids": p} for p in ids[:8]], params, use_tqdm=False)
+        result[f"{name}_start_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        result[f"{name}_tokens_per_second"] = sum(len(o.outputs[0].token_ids) for o in outputs) / seconds
+        del llm
 
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     generate_transformers(model, ids[:8], [], settings, batch_size=8)
@@ -92,6 +95,7 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
     seconds = time.perf_counter() - start
     result["transformers_tokens_per_second"] = sum(len(s[0].token_ids) for s in samples) / seconds
     result["rollout_ratio"] = result["vllm_tokens_per_second"] / result["transformers_tokens_per_second"]
+    result["rollout_ratio_eager"] = result["vllm_eager_tokens_per_second"] / result["transformers_tokens_per_second"]
     return result
 
 
@@ -100,7 +104,7 @@ def grpo_seconds_per_step(policy: Path, work: Path, new_tokens: int, steps: int,
               "max_completion_length": new_tokens, "num_generations": 8, "per_device_train_batch_size": 128,
               "learning_rate": 1e-5, "max_steps": steps, "logging_steps": 1, "save_strategy": "no",
               "use_vllm": use_vllm, "vllm_mode": "colocate", "vllm_max_model_length": 64 + new_tokens,
-              "vllm_kv_cache_memory_bytes": 1 << 30, "seed": 0}
+              "vllm_kv_cache_memory_bytes": 1 << 30, "vllm_cpu_compile": True, "seed": 0}
     name = "vllm" if use_vllm else "transformers"
     path = work / f"grpo-{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -67,6 +67,11 @@ class GRPOConfig(DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig)
         "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of host "
         "RAM, which fails beside a training process). On GPUs TRL's vllm_gpu_memory_utilization applies.",
         default=256 << 20)
+    vllm_cpu_compile: bool = _help(
+        "On a CPU machine, let the colocated engine compile the model with inductor (vLLM's CPU default) instead of "
+        "running eager. Every engine start then compiles first (tens of seconds on 2 cores), and rollouts run faster: "
+        "bench/rl_rollout.py measures both. On GPUs TRL's engine settings apply (compiled, with CUDA graphs).",
+        default=False)
     vllm_sync_check: int = _help(
         "After every weight sync, compare vLLM's greedy tokens (up to 16) and their log-probs with the policy's own on "
         "this many of the batch's prompts; logged as vllm/sync_greedy_match and vllm/sync_logprob_max_diff. 0: off.",

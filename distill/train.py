@@ -54,7 +54,6 @@ import core  # noqa: F401  (registers the smolforge model type with the Auto cla
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
-from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -342,6 +341,4 @@ def run(cfg: DistillConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(DistillConfig, args=argv)
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)

@@ -11,7 +11,10 @@ An interrupted run continues with `--resume_from_checkpoint true`. See preferenc
 field, preference/data.py for data formats and checks, preference/train.py for the run.
 """
 
+from core.infra import end_process_group
+
 from .train import main
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # every rank leaves the process group together (core/infra/__init__.py says why)

@@ -49,7 +49,6 @@ import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
-from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -189,6 +188,4 @@ def run(cfg: PreferenceConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(PreferenceConfig, args=argv)
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)

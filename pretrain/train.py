@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_sc
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, data_fingerprint, resume_point, save_checkpoint
 from core.faults import active_faults, kill_if, start_slow_rank_fault
-from core.infra import devices, end_process_group
+from core.infra import devices
 from core.infra.flops import flops_per_token
 from core.kernels import compile_blocks
 from core.metrics import MetricsWriter
@@ -639,6 +639,4 @@ def prepare_output_dir(r: Run) -> None:
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(PretrainConfig, args=argv)
     refuse_deepspeed()  # before run() builds the Accelerator, which fails on a DeepSpeed config first
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)

@@ -26,7 +26,10 @@ before it hits the cut-off. The `length_hacking` alert (rl/rollouts.py) watches 
 Every deviation from TRL is listed in rl/train.py's docstring and rl/vllm_backend.py's.
 """
 
+from core.infra import end_process_group
+
 from .train import main
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # every rank leaves the process group together (core/infra/__init__.py says why)

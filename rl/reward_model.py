@@ -55,7 +55,6 @@ import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.faults import FaultCallback, FaultInjectionMixin
-from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -278,10 +277,11 @@ def run(cfg: RewardModelConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(RewardModelConfig, args=argv)
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)
 
 
 if __name__ == "__main__":
+    from core.infra import end_process_group
+
     main()
+    end_process_group()  # every rank leaves the process group together (core/infra/__init__.py says why)

@@ -48,7 +48,6 @@ from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_po
 from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
-from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -257,6 +256,4 @@ def _wandb_run(cfg: GRPOConfig):
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(GRPOConfig, args=argv)
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)

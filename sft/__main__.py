@@ -7,7 +7,10 @@
 See sft/config.py for every field, sft/data.py for data formats and checks, sft/train.py for the run.
 """
 
+from core.infra import end_process_group
+
 from .train import main
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # every rank leaves the process group together (core/infra/__init__.py says why)

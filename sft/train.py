@@ -38,7 +38,6 @@ import core  # noqa: F401  (registers the smolforge model type with the Auto cla
 from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
 from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
 from core.faults import FaultCallback, FaultInjectionMixin
-from core.infra import end_process_group
 from core.metrics import MetricsCallback
 from core.moe import MoEStepCallback
 from core.recipe import parse_recipe, resolved_recipe
@@ -184,6 +183,4 @@ def run(cfg: SFTConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     (cfg,) = parse_recipe(SFTConfig, args=argv)
-    metrics = run(cfg)
-    end_process_group()
-    return metrics
+    return run(cfg)

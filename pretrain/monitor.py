@@ -83,6 +83,7 @@ class Monitor:
         self.collapsed = False
         self.straggler_fraction, self.straggler_windows = straggler_fraction, straggler_windows
         self.straggler_counts: dict[str, int] = {}  # rank (as a JSON key) -> slow logging windows in a row
+        self.straggler_warm = False  # not saved: a resumed process warms up again
 
     def check_step(self, step: int, loss: float, grad_norm: float) -> list[Alert]:
         """Alerts about a step's loss and gradient, before its update is applied."""
@@ -145,7 +146,14 @@ class Monitor:
     def check_stragglers(self, step: int, seconds_per_rank: list[float]) -> list[Alert]:
         """Ranks slower than the median of the other ranks by straggler_fraction, straggler_windows times in a
         row (once per episode). The other ranks' median, not all ranks': with 2 ranks the median of all is
-        their mean, which a straggler drags halfway toward itself."""
+        their mean, which a straggler drags halfway toward itself.
+
+        The first window of a process (a start or a resume) is not judged: it holds each rank's first forwards
+        (allocations, lazy initialisation, compilation), whose one-off cost differs between ranks. A fresh-clone
+        `make test` once named rank 0 in the first two windows of a 2-process run whose slowed rank was 1."""
+        if not self.straggler_warm:
+            self.straggler_warm = True
+            return []
         alerts = []
         for rank, seconds in enumerate(seconds_per_rank):
             others = statistics.median(seconds_per_rank[:rank] + seconds_per_rank[rank + 1:])

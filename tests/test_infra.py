@@ -148,7 +148,6 @@ def worker(out_dir: str) -> None:
     dist.all_gather_object(gathered, shards)
     if rank == 0:
         torch.save({**result, "shards": gathered}, f"{out_dir}/results.pt")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +214,10 @@ def test_straggler_alert_names_the_slow_rank_of_a_two_process_run(tmp_path, toke
     recipe = pretrain_recipe(tmp_path, tokenizer_dir, max_steps=10, straggler_windows=2)
     ok(launch_stage("pretrain", recipe, out, processes=2, fault="slow_rank:1"))
     alerts = [json.loads(line) for line in (out / "alerts.jsonl").read_text().splitlines()]
-    stragglers = [a for a in alerts if a["kind"] == "straggler"]
-    assert stragglers and all(a["message"].startswith("rank 1 ") for a in stragglers), alerts
+    # Rank 1 is named, on its own slow windows. Not "rank 0 never is": on the shared 2-core machine other jobs
+    # can slow either rank for a few windows (what the fault switch's busy thread does on purpose).
+    stragglers = [a for a in alerts if a["kind"] == "straggler" and a["message"].startswith("rank 1 ")]
+    assert stragglers, alerts
     slow, fast = stragglers[0]["forward_s_per_rank"][1], stragglers[0]["forward_s_per_rank"][0]
     assert slow > 1.2 * fast
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -234,6 +235,11 @@ def test_straggler_rule_needs_consecutive_slow_windows():
     assert alert.kind == "straggler" and alert.message.startswith("rank 1 ") and alert.threshold == pytest.approx(1.2)
     assert not m.check_stragglers(6, [1.0, 1.5])  # once per episode
     assert not m.check_stragglers(7, [1.0, 1.1, 0.9, 1.0])  # within 20% of the others
+    # A process's first window (its ranks' first forwards) is not judged, even with 1 window to alert on.
+    m = Monitor(spike_sigma=6, spike_warmup=20, ema_beta=0.95, grad_factor=10, throughput_fraction=0.5,
+                throughput_windows=10, data_stall_seconds=30, straggler_fraction=0.2, straggler_windows=1)
+    assert not m.check_stragglers(1, [1.0, 5.0])
+    assert [a.message[:7] for a in m.check_stragglers(2, [1.0, 5.0])] == ["rank 1 "]
 
 
 def test_planner_on_smollm3_at_384_gpus(capsys):
@@ -256,4 +262,7 @@ def test_preflight_hardware_check_reports_fractions_of_peak():
 
 
 if __name__ == "__main__":  # a rank of the two_rank_results fixture, started by torchrun
+    from core.infra import end_process_group
+
     worker(sys.argv[1])
+    end_process_group()  # after worker() has dropped its models and mesh: core/infra/__init__.py says why

@@ -320,6 +320,4 @@ def main(argv: list[str] | None = None) -> dict:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(report, indent=1))
             print(f"report written to {path}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return report

@@ -114,7 +114,6 @@ def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     return out, probs
 
 
-
 def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
            attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention through transformers' interface (eager, sdpa, flash, flex: `config._attn_implementation`),
@@ -126,6 +125,7 @@ def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: tor
     return attention_interface(module, query, key, value, attention_mask,
                                dropout=module.config.attention_dropout if module.training else 0.0,
                                scaling=module.scaling, **kwargs)
+
 
 class SmolForgeAttention(nn.Module):
     def __init__(self, config: SmolForgeConfig, layer_idx: int, use_liger: bool):

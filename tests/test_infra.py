@@ -1,8 +1,8 @@
 """Issue 21: diagnostics and node health, the parallelism planner against measured shards, tensor
 parallelism against one process, and the straggler alert. Multi-process parts run 2 CPU processes
-over gloo, each started by torchrun as a subprocess: an earlier version spawned the TP workers with
-torch.multiprocessing from the pytest process, and in 2 of 4 full `make test` runs a spawned rank died with
-SIGABRT ("terminate called without an active exception") from state the suite had left in that process."""
+over gloo, each started by torchrun as a subprocess; every rank ends with core.infra.end_process_group,
+as the stages do (a rank that left its group to the interpreter's finalization sometimes died with
+SIGABRT, "terminate called without an active exception": core/infra/__init__.py)."""
 
 import json
 import os
@@ -17,8 +17,8 @@ from conftest import REPO
 
 def torchrun(*args: str, fault: str = "", nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SMOLFORGE_FAULT": fault}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
 
 
 def test_diagnostics_name_the_rank_slowed_by_the_fault_switch(tmp_path):
@@ -43,7 +43,7 @@ def test_diagnostics_name_the_rank_slowed_by_the_fault_switch(tmp_path):
     assert "SICK rank 1" in run.stdout and "fraction" in run.stdout
 
 
-# --- workers on 2 gloo ranks: TP parity, and the planner against measured shards ---------------
+# --- workers on 2 gloo ranks: TP parity, and the planner against measured shards ------------------------
 
 def tiny_config(**overrides):
     from core import SmolForgeConfig

@@ -5,7 +5,7 @@
 
 The SFT recipe (default recipes/tiny/sft.yaml: packed bfd rows, assistant-only loss, the qwen3 template)
 is parsed by the stage's own parser, and each model is built the way the stage builds it
-(load_stage_tokenizer, load_stage_model: the template's tokens added, embeddings resized), from a random
+(chat_templates.load_tokenizer, core.lifecycle.load_policy: the template's tokens added, embeddings resized), from a random
 checkpoint of the recipe's shape: our core (the `tiny` preset) or LlamaForCausalLM with the same widths,
 heads, GQA, tied embeddings, RoPE theta and norm epsilon. The stage's SFTTrainer then trains each on the
 same rows for `--warmup` + `--steps` steps; tokens/s counts the tokens TRL feeds the model (its
@@ -26,7 +26,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from core.recipe import parse_recipe
-from core.trainer_defaults import load_stage_model, load_stage_tokenizer
+import chat_templates
+from core.lifecycle import load_policy
 from pretrain.tokenizer import sample_sources, train_tokenizer
 from sft.config import SFTConfig
 from sft.data import load_sources
@@ -73,8 +74,8 @@ def tokens_per_second(recipe: str, path: Path, out: Path, steps: int, warmup: in
         "--max_steps", str(warmup + steps), "--save_strategy", "no", "--report_to", "none",
         "--logging_steps", str(warmup), "--bf16", str(bf16).lower(), "--include_num_input_tokens_seen", "true",
         "--disable_tqdm", "true"])
-    tokenizer, _ = load_stage_tokenizer(cfg)
-    model = load_stage_model(cfg, tokenizer)
+    tokenizer, _ = chat_templates.load_tokenizer(cfg.model_name_or_path, cfg.chat_template)
+    model = load_policy(cfg, tokenizer)
     rows, _ = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
     clock = StepClock()
     SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

@@ -11,6 +11,7 @@ check them.
     >>> print(ct.render(msgs[:2], "qwen3", add_generation_prompt=True, enable_thinking=False))
     >>> print(ct.diff("chatml", "qwen3", msgs[1:]))            # two templates, trained spans in ⟦ ⟧
     >>> ct.install(tokenizer, "smollm3")                       # -> control tokens the tokenizer lacks
+    >>> tokenizer, added = ct.load_tokenizer("out/sft", "smollm3")  # what a training stage loads
     >>> ct.show(msgs, tokenizer)                               # tokens; the trained span highlighted
     >>> ct.show(msgs, tokenizer, ids=True)                     # one token per line, with its id
     >>> ids, mask = ct.assistant_mask(msgs, tokenizer)         # what SFT's assistant-only loss uses
@@ -55,10 +56,12 @@ from .template import (
     assistant_mask,
     diff,
     encode,
+    end_of_turn,
     from_source,
     from_tokenizer,
     install,
     load,
+    load_tokenizer,
     missing_tokens,
     render,
     render_spans,
@@ -76,10 +79,12 @@ __all__ = [
     "check",
     "diff",
     "encode",
+    "end_of_turn",
     "from_source",
     "from_tokenizer",
     "install",
     "load",
+    "load_tokenizer",
     "missing_tokens",
     "render",
     "render_spans",

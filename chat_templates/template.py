@@ -501,6 +501,39 @@ def install(
     return missing
 
 
+def load_tokenizer(path: str | os.PathLike, template: TemplateLike | None = None, *, add_missing_tokens: bool = True,
+                   pad: bool = True, **kwargs) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """A checkpoint's tokenizer for a training stage, with `template`'s training variant installed (None: the
+    tokenizer keeps its own template); returns (tokenizer, the tokens added to it).
+
+    `add_missing_tokens=False`: a template whose control tokens the tokenizer lacks is an error naming them (the
+    stages whose tokenizer is shared with a vLLM engine or a teacher cannot grow it). `pad`: add a distinct
+    `<|pad|>` when the tokenizer has no pad token: SFT masks padding out of loss and attention, and a pad equal to
+    the end of turn would be confused with a real one; a reward model reads its score at the last non-pad token,
+    which a pad equal to eos would move off a reply ending in eos. `kwargs` go to AutoTokenizer.from_pretrained
+    (e.g. padding_side)."""
+    from transformers import AutoTokenizer  # imported here: it imports torch, seconds for `import chat_templates`
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    added = []
+    if template is not None:
+        added = install(tokenizer, template, variant="training", add_missing_tokens=add_missing_tokens)
+        if added and not add_missing_tokens:
+            raise ValueError(f"chat_template {resolve(template).name!r} needs tokens the tokenizer of {path} lacks: "
+                             f"{added}; this stage cannot add tokens (its vLLM engine or teacher shares the "
+                             f"vocabulary): use the template the checkpoint was fine-tuned with (chat_template: null)")
+    if pad and tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        added.append("<|pad|>")
+    return tokenizer, added
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The token that ends an assistant turn in the tokenizer's chat template (None without one): what generation
+    stops on first."""
+    return from_tokenizer(tokenizer).end_of_turn if tokenizer.chat_template else None
+
+
 def diff(
     a: TemplateLike,
     b: TemplateLike,

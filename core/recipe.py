@@ -58,6 +58,10 @@ RENAMED_FIELDS = {
     "resume": "resume_from_checkpoint",
     "model": "model_name_or_path",
     "output": "output_dir",
+    # One name per idea across stages (issue 29): distillation's prompts are named as rl's.
+    "prompt_suite": "suite",
+    "prompt_split": "suite_split",
+    "prompt_data_path": "suite_data_path",
 }
 
 # Fields whose values are credentials: never printed, never written to stage.json. One rule for
@@ -149,7 +153,7 @@ class RecipeParser(TrlParser):
     def _suggestion(self, key: str) -> str:
         renamed = RENAMED_FIELDS.get(key)
         if renamed is not None and renamed.split(".")[0] in self.declared_types:
-            return f"; did you mean {renamed!r}? (renamed to the Hugging Face name)"
+            return f"; did you mean {renamed!r}? (renamed: one name per idea, the Hugging Face one where it has one)"
         close = difflib.get_close_matches(key, self.declared_types, n=1)
         return f"; did you mean {close[0]!r}?" if close else "; see --help for the valid fields"
 

@@ -1,18 +1,23 @@
-"""What every TRL stage config (sft, preference, rl, rl.reward_model, distill) sets the same way.
+"""The fields every TRL stage config (sft, preference, rl, rl.reward_model, distill) shares, declared once.
 
-Each stage's config subclasses `StageFields` (and `LoraFields` where it trains adapters,
-`DecontaminationFields` where its rows carry prompts) before its TRL
-config, calls `device_defaults(self)` at the start of its `__post_init__`, and builds its LoRA adapter
-with `lora_config(cfg, task_type)`:
+Each stage's config subclasses `StageFields` (and `LoraFields`, `DecontaminationFields`, `PromptFields` where
+it has them) before its TRL config, names its default run directory and data, and calls
+`StageFields.__post_init__` through `super()`:
 
     @dataclass
-    class SFTConfig(LoraFields, StageFields, trl.SFTConfig): ...
+    class SFTConfig(DecontaminationFields, LoraFields, StageFields, trl.SFTConfig):
+        default_output_dir: ClassVar[str] = "out/sft"
+        default_sources: ClassVar[list[dict] | None] = [{"path": "builtin:arithmetic_chat"}]
 
-A dataclass collects fields along the reversed MRO, so these declarations replace TrainingArguments'
-fields of the same name (bf16, gradient_checkpointing, resume_from_checkpoint) with our defaults.
+A dataclass collects fields along the reversed MRO, so these declarations replace TrainingArguments' fields
+of the same name (output_dir, bf16, gradient_checkpointing, resume_from_checkpoint) with ours. One name per
+idea across stages (issue 29): distillation's old prompt_suite / prompt_split / prompt_data_path are rl's
+suite / suite_split / suite_data_path (core/recipe.py RENAMED_FIELDS points old recipes to them).
 """
 
+import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -21,8 +26,34 @@ from core.recipe import help_field
 
 @dataclass
 class StageFields:
-    """TrainingArguments' fields whose TRL defaults do not suit a run here."""
+    """The checkpoint, tokenizer, template, data and run directory of a stage, and TrainingArguments' fields
+    whose TRL defaults do not suit a run here."""
 
+    default_output_dir: ClassVar[str]  # out/<stage>: where a recipe without output_dir writes
+    default_sources: ClassVar[list[dict] | None] = None  # the stage's data when the recipe names none
+
+    model_name_or_path: str | None = help_field(
+        "The checkpoint to train (required): an earlier stage's output directory, any local Hugging Face "
+        "checkpoint (our core, Llama, Qwen3, SmolLM3, ...), or a hub id where the network allows.", default=None)
+    tokenizer_name_or_path: str | None = help_field(
+        "Tokenizer, when not the one saved with the model.", default=None)
+    chat_template: str | None = help_field(
+        "Chat template by name (chatml, smollm3, qwen3, llama3) or a .jinja path (chat_templates.load): its "
+        "training variant is installed on the tokenizer and saved with the model. Null keeps the checkpoint's own "
+        "template (an SFT output carries the one it was trained with). sft, preference and rl.reward_model add the "
+        "control tokens the tokenizer lacks (embeddings resized); rl and distill cannot (their vLLM engine or "
+        "teacher shares the vocabulary) and refuse such a template by name.", default=None)
+    attn_implementation: str = help_field("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+    sources: list[dict] | None = help_field(
+        "Data sources: {path, split, name, subset, max_rows, seed} (core/sources.py); path is a builtin: generator, a "
+        "local .jsonl/.json/.parquet/.arrow file, or a Hugging Face dataset name. What rows each stage reads: "
+        "README's data formats. Default: the stage's built-in data (sft builtin:arithmetic_chat, preference "
+        "builtin:arithmetic_pairs, rl.reward_model builtin:arithmetic_preferences; rl and distill take `suite` "
+        "instead).", default=None)
+    output_dir: str | None = help_field(
+        "Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json. Default: out/<stage> "
+        "(out/grpo for rl).",
+        default=None)
     resume_from_checkpoint: str | None = help_field(
         "Continue an interrupted run: `true` (or `latest`) for the newest complete checkpoint-* in output_dir, or "
         "the path of one checkpoint (TrainingArguments' field, which Trainer scripts read the same way).",
@@ -34,6 +65,27 @@ class StageFields:
         "Recompute activations in the backward pass (TRL's default is on: it only costs time at tiny sizes; turn it "
         "on in GPU-scale recipes).", default=False)
 
+    def __post_init__(self):
+        """Before TRL's __post_init__: `use_cpu` on a machine without an accelerator, bf16 only where it runs, the
+        stage's run directory and data.
+
+        Without `use_cpu`, TrainingArguments under `accelerate launch --multi_gpu` on a CPU machine sets up world
+        size 1 in every process (parallel_mode NOT_PARALLEL); with it, gloo DDP of the real world size (checked
+        with 2 processes). TRL's bf16 default (on) fails on a CPU machine."""
+        if vars(self).get("chat_template_path") is not None:  # TRL's SFTConfig and RewardConfig have it
+            # TRL would install this file over `chat_template` without a word (issue 11).
+            raise ValueError(f"chat_template_path={self.chat_template_path!r}: set chat_template instead, which takes "
+                             f"a template name or a .jinja path and installs its training variant")
+        if not torch.accelerator.is_available():
+            self.use_cpu = True
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.output_dir is None:
+            self.output_dir = self.default_output_dir
+        if self.sources is None and self.default_sources is not None:
+            self.sources = copy.deepcopy(self.default_sources)
+        super().__post_init__()
+
 
 @dataclass
 class LoraFields:
@@ -42,7 +94,8 @@ class LoraFields:
     use_peft: bool = help_field(
         "Train a LoRA adapter instead of every weight; it is merged into the saved model (and, in rl, into vLLM's "
         "weights at every sync). Preference: the reference is the model with the adapter disabled (TRL). Reward "
-        "models: the score head is trained in full.", default=False)
+        "models: the score head is trained in full. Single process, DDP and ZeRO-1/2 only: under FSDP2 and ZeRO-3 "
+        "every stage refuses it before anything loads (core/lifecycle.py LORA_REFUSED).", default=False)
     lora_r: int = help_field("LoRA rank.", default=16)
     lora_alpha: int = help_field("LoRA alpha (scale = alpha / r).", default=32)
     lora_dropout: float = help_field("LoRA dropout.", default=0.0)
@@ -62,17 +115,41 @@ class DecontaminationFields:
         default_factory=lambda: [{"suite": "arithmetic", "split": "test"}])
 
 
-def device_defaults(args) -> None:
-    """`use_cpu` on a machine without an accelerator, and bf16 only where it runs.
+@dataclass
+class PromptFields:
+    """Prompts from a reward suite or from data sources (the stages that sample: rl, distill)."""
 
-    Without `use_cpu`, TrainingArguments under `accelerate launch --multi_gpu` on a CPU machine sets
-    up world size 1 in every process (parallel_mode NOT_PARALLEL); with it, gloo DDP of the real world
-    size (checked with 2 processes). TRL's bf16 default (on) fails on a CPU machine: `bf16: null`
-    means on with a bf16-capable CUDA device, off elsewhere."""
-    if not torch.accelerator.is_available():
-        args.use_cpu = True
-    if args.bf16 is None:
-        args.bf16 = not args.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    suite: str | None = help_field(
+        "Prompts from a reward suite (rewards/suites.py: arithmetic, gsm8k, math), with the suite's `answer` "
+        "column. Exactly one of suite and sources (rows with a `prompt` column: a string or a list of chat "
+        "messages, plus the columns the rewards read, e.g. `answer`).", default=None)
+    suite_split: str = help_field("The suite split to train on (the `test` split stays held out).", default="train")
+    suite_data_path: str | None = help_field("The local jsonl the gsm8k / math suites read.", default=None)
+
+    def __post_init__(self):
+        if (self.suite is None) == (self.sources is None):
+            raise ValueError(f"give exactly one of `suite` (e.g. arithmetic) and `sources` (rows with a `prompt` "
+                             f"column); got suite={self.suite!r}, sources={self.sources!r}")
+        super().__post_init__()
+
+
+@dataclass
+class VLLMFields:
+    """The vLLM engine of the stages that sample with TRL's vLLM backend (rl, distill; core/vllm/trl.py)."""
+
+    vllm_kv_cache_memory_bytes: int = help_field(
+        "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of "
+        "host RAM, which fails beside a training process). On GPUs TRL's vllm_gpu_memory_utilization applies.",
+        default=256 << 20)
+    vllm_cpu_compile: bool = help_field(
+        "On a CPU machine, let the colocated engine compile the model with inductor (vLLM's CPU default) instead of "
+        "running eager. Every engine start then compiles first (tens of seconds on 2 cores), and rollouts run faster: "
+        "bench/rl_rollout.py measures both. On GPUs TRL's engine settings apply (compiled, with CUDA graphs).",
+        default=False)
+    vllm_request_timeout: float = help_field(
+        "Served mode: seconds one HTTP request to the vLLM server may take (generation or weight sync) before every "
+        "trainer rank fails naming the server. TRL's requests have no timeout: a stalled server hangs the run.",
+        default=300.0)
 
 
 def lora_config(cfg, task_type: str = "CAUSAL_LM"):
@@ -87,45 +164,3 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM"):
     targets = cfg.lora_target_modules
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type=task_type,
                       target_modules=targets[0] if targets == ["all-linear"] else targets)
-
-
-def load_stage_tokenizer(cfg, pad: bool = True):
-    """The stage's tokenizer (`tokenizer_name_or_path`, else the model's) with `cfg.chat_template`'s training
-    variant installed when one is named; returns (tokenizer, added tokens).
-
-    `pad`: add a distinct `<|pad|>` when the tokenizer has no pad token. SFT masks padding out of loss and
-    attention, and a pad equal to the end of turn would be confused with a real one; a reward model reads its
-    score at the last non-pad token, which a pad equal to eos would move off a reply ending in eos. The
-    preference stage passes False: TRL then pads with eos (masked out of every loss), and an added token
-    would change the vocabulary its reference model shares with the policy."""
-    from transformers import AutoTokenizer
-
-    import chat_templates
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    added = []
-    if cfg.chat_template is not None:
-        added = chat_templates.install(tokenizer, cfg.chat_template, variant="training", add_missing_tokens=True)
-    if pad and tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        added.append("<|pad|>")
-    return tokenizer, added
-
-
-def load_stage_model(cfg, tokenizer, auto_class=None, **kwargs):
-    """`cfg.model_name_or_path` in fp32 master weights with the recipe's attention, its embeddings grown to
-    the tokenizer's added tokens.
-
-    TRL's `model_init_kwargs` mean what they mean in TRL, keyword arguments of from_pretrained: ours
-    (attention implementation, fp32) are defaults they override; `kwargs` (e.g. num_labels) are fixed.
-    New tokens' embeddings start at the mean of the others (transformers' default mean_resizing), so the
-    first steps do not see outlier vectors."""
-    from transformers import AutoModelForCausalLM
-
-    auto_class = auto_class or AutoModelForCausalLM
-    init = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {}),
-            **kwargs}
-    model = auto_class.from_pretrained(cfg.model_name_or_path, **init)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    return model

@@ -9,41 +9,27 @@ on resume (the token counters), and `beta` chosen by `divergence` (TRL's `beta` 
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import trl
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import StageFields, device_defaults
+from core.trainer_defaults import LoraFields, PromptFields, StageFields
 
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
 
 
 @dataclass
-class DistillConfig(StageFields, trl.DistillationConfig):
-    # --- student and teacher ---------------------------------------------------------------------
-    model_name_or_path: str | None = _help(
-        "The student: a chat checkpoint (an SFT output, or any local HF causal LM with a chat template).",
-        default=None)
-    # `teacher_model_name_or_path` is TRL's field; TRL reads it only when the teacher is passed to its trainer
-    # as a string, so distill/train.py loads it and passes the model (issue 17).
-    chat_template: str | None = _help(
-        "Chat template by name or .jinja path, installed on the student's tokenizer; null: the template saved "
-        "with the student. Its control tokens must already be in the tokenizer (the student and teacher share it).",
-        default=None)
-    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention (student and teacher).",
-                                     default="sdpa")
+class DistillConfig(PromptFields, LoraFields, StageFields, trl.DistillationConfig):
+    default_output_dir: ClassVar[str] = "out/distill"
+    # `model_name_or_path` (core/trainer_defaults.py) is the student: a chat checkpoint (an SFT output, or any
+    # local HF causal LM with a chat template). `teacher_model_name_or_path` is TRL's field; TRL reads it only
+    # when the teacher is passed to its trainer as a string, so distill/train.py loads it and passes the model
+    # (issue 17). `chat_template`'s control tokens must already be in the tokenizer (student and teacher share
+    # it). Prompts: `suite` or `sources` (PromptFields); `attn_implementation` is the student's and teacher's.
 
     # --- prompts ---------------------------------------------------------------------------------
-    prompt_suite: str | None = _help(
-        "Prompts from a reward suite (rewards/suites.py: arithmetic, gsm8k, math), split `prompt_split`. "
-        "Exactly one of prompt_suite and sources.", default=None)
-    prompt_split: str = _help("Split of prompt_suite (train; test is held out for evaluation).", default="train")
-    prompt_data_path: str | None = _help("Local jsonl of the gsm8k / math suites.", default=None)
-    sources: list[dict] | None = _help(
-        "Prompt sources with a `prompt` column (a string, or a list of {role, content} messages): "
-        "{path, name, subset, split, max_rows, seed} (core/sources.py).", default=None)
     max_prompts: int | None = _help("Use only the first N prompts.", default=None)
 
     # --- objective -------------------------------------------------------------------------------
@@ -77,8 +63,6 @@ class DistillConfig(StageFields, trl.DistillationConfig):
         default=None)
 
     # --- TRL defaults changed --------------------------------------------------------------------
-    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
-                            default="out/distill")
     max_completion_length: int | None = _help(
         "Tokens sampled per completion (TRL's default 512 is for chat models; the tiny task answers in a few).",
         default=64)
@@ -87,7 +71,6 @@ class DistillConfig(StageFields, trl.DistillationConfig):
         "counters and the token_budget stop live in one (distill/train.py CompletionTokens).", default=True)
 
     def __post_init__(self):
-        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.divergence == "jsd":
             self.beta = 0.5 if self.beta is None else self.beta
             if not 0.0 < self.beta < 1.0:
@@ -103,8 +86,4 @@ class DistillConfig(StageFields, trl.DistillationConfig):
         if self.teacher_model_server_url is not None and self.lmbda != 1.0:
             raise ValueError(f"teacher_model_server_url with lmbda={self.lmbda}: a served teacher scores the student's "
                              f"samples but does not sample itself; set lmbda 1 or run the teacher in-process")
-        if (self.prompt_suite is None) == (self.sources is None):
-            raise ValueError("give exactly one of prompt_suite (a reward suite's prompts, e.g. arithmetic) and "
-                             f"sources (data with a `prompt` column); got prompt_suite={self.prompt_suite!r}, "
-                             f"sources={self.sources!r}")
-        super().__post_init__()
+        super().__post_init__()  # suite xor sources, devices, run directory (core/trainer_defaults.py)

@@ -1,6 +1,6 @@
 """Distillation prompts: from a reward suite, or from data sources with a `prompt` column.
 
-    prompt_suite: arithmetic          # rewards/suites.py, split `prompt_split` (train by default)
+    suite: arithmetic                 # rewards/suites.py, split `suite_split` (train by default)
     sources:                          # or: any core/sources.py source whose rows have `prompt`
       - {path: data/prompts.jsonl, max_rows: 5000}
 
@@ -44,15 +44,15 @@ def as_messages(prompt, where: str) -> list[dict]:
 def load_prompts(cfg) -> tuple[list[list[dict]], list[str]]:
     """Every prompt (as messages) and, for each, where it came from ("suite arithmetic (train) row 3")."""
     raw: list[tuple[object, str]] = []
-    if cfg.prompt_suite is not None:
+    if cfg.suite is not None:
         from rewards.suites import get_suite, load_rows as suite_rows
 
-        suite = get_suite(cfg.prompt_suite)
-        for i, row in enumerate(suite_rows(suite, cfg.prompt_split, cfg.prompt_data_path)):
-            raw.append((row["prompt"], f"suite {suite.name} ({cfg.prompt_split}) row {i}"))
+        suite = get_suite(cfg.suite)
+        for i, row in enumerate(suite_rows(suite, cfg.suite_split, cfg.suite_data_path)):
+            raw.append((row["prompt"], f"suite {suite.name} ({cfg.suite_split}) row {i}"))
     else:
         if not cfg.sources:
-            raise PromptDataError("sources is empty: give at least one source with a `prompt` column, or prompt_suite")
+            raise PromptDataError("sources is empty: give at least one source with a `prompt` column, or suite")
         for row, where in labelled_rows(cfg.sources):
             if row.get("prompt") is None:
                 raise PromptDataError(f"{where} has no 'prompt' field (fields: {sorted(row)}); distillation "

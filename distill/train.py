@@ -28,7 +28,8 @@ Where we deviate from TRL's DistillationTrainer (all in `DistillTrainer` below):
   - completion tokens are counted by who sampled them (`distill/student_tokens`, `distill/teacher_tokens`,
     kept across resume) and `token_budget` stops the run at a number of trained tokens, so on- and
     off-policy runs are compared at equal student tokens;
-  - the colocated vLLM weight sync on CPU is `core/vllm/trl_sync.py` (vLLM's in-place reload);
+  - vLLM (the colocated engine and its weight sync on CPU, served-mode failures on every rank) is
+    core/vllm/trl.py, GRPO's too;
   - `--resume_from_checkpoint true` picks the newest complete checkpoint (core/checkpoint.py), the final
     save is `core.checkpoint.save_checkpoint` (with stage.json), every log line goes to metrics.jsonl.
 
@@ -40,26 +41,26 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import trl
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
-from core.faults import FaultCallback, FaultInjectionMixin
+from core.checkpoint import data_fingerprint
+from core.faults import FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers
-from core.metrics import MetricsCallback
-from core.moe import MoEStepCallback
-from core.recipe import parse_recipe, resolved_recipe
+from core.lifecycle import (begin, finish, is_partitioned, launch_summary, load_policy, preflight, stage_callbacks,
+                            stage_main, stop_token_ids, train_metrics)
+from core.trainer_defaults import lora_config
 from core.vllm import use_vllm_for
-from core.vllm.client import TimedVLLMClient
-from core.vllm.trl_sync import ColocatedWeightSyncMixin
+from core.vllm.client import TimedVLLMClient, VLLMServerError
+from core.vllm.trl import SmolForgeVLLMMixin
 
 from .config import DistillConfig
 from .data import check_prompt_lengths, load_prompts
@@ -110,23 +111,25 @@ def served_teacher(cfg: DistillConfig, student) -> TimedVLLMClient:
                            request_timeout=cfg.teacher_request_timeout)
 
 
-def load_tokenizer(cfg: DistillConfig):
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    if cfg.chat_template is not None:
-        missing = chat_templates.install(tokenizer, cfg.chat_template, variant="training")
-        if missing:
-            raise ValueError(f"chat_template {cfg.chat_template!r} needs tokens the student's tokenizer lacks: "
-                             f"{missing}. The student and teacher share this tokenizer, so tokens cannot be added "
-                             f"here: use the template they were fine-tuned with (chat_template: null)")
+def load_tokenizers(cfg: DistillConfig):
+    """The student's tokenizer (its chat template, or `chat_template`'s, whose tokens it must already have: the
+    teacher shares the vocabulary), after checking the teacher's is the same (before any model loads)."""
+    tokenizer, _ = chat_templates.load_tokenizer(cfg.model_name_or_path, cfg.chat_template, add_missing_tokens=False,
+                                                 pad=False)
     if not tokenizer.chat_template:
         raise ValueError(f"the student {cfg.model_name_or_path} has no chat template: distil a chat model (an SFT "
                          f"output) or set chat_template")
+    check_same_vocabulary(tokenizer, AutoTokenizer.from_pretrained(cfg.teacher_model_name_or_path),
+                          cfg.model_name_or_path, cfg.teacher_model_name_or_path)
     return tokenizer
 
 
-def load_model(path: str, cfg: DistillConfig, init_kwargs: dict | None):
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(init_kwargs or {})}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+def load_teacher_model(cfg: DistillConfig):
+    """The in-process teacher, loaded as the student (fp32, the recipe's attention) with TRL's
+    `teacher_model_init_kwargs` over those defaults."""
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32,
+              **(cfg.teacher_model_init_kwargs or {})}
+    return AutoModelForCausalLM.from_pretrained(cfg.teacher_model_name_or_path, **kwargs).eval()
 
 
 class CompletionTokens(TrainerCallback, ExportableState):
@@ -145,11 +148,17 @@ class CompletionTokens(TrainerCallback, ExportableState):
         return control
 
 
-class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.DistillationTrainer):
+class DistillTrainer(FaultInjectionMixin, SmolForgeVLLMMixin, trl.DistillationTrainer):
     """TRL's DistillationTrainer with the on-policy fraction λ and the off-policy losses (module docstring)."""
 
     def __init__(self, *args, teacher_client=None, **kwargs):
-        super().__init__(*args, **kwargs)
+        cfg = kwargs["args"]
+        # TRL refuses teacher_model_init_kwargs next to a loaded teacher; load_teacher_model used them already.
+        teacher_init_kwargs, cfg.teacher_model_init_kwargs = cfg.teacher_model_init_kwargs, None
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            cfg.teacher_model_init_kwargs = teacher_init_kwargs
         self.teacher_client = teacher_client  # a served teacher (core.vllm.client), or None: in-process
         self.sampled_by = "student"  # who sampled the current generation batch
         self.add_callback(CompletionTokens(self.args.token_budget))
@@ -174,12 +183,21 @@ class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.Distilla
     def teacher_completions(self, prompt_ids: list[list[int]]) -> list[list[int]]:
         """The teacher's samples for these prompts, each ending with the EOS it stopped on (as TRL's
         student completions do), at the trainer's temperature and top-p."""
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        # A sharded teacher (FSDP, ZeRO-3) gathers its parameters inside every forward, a collective: every process
+        # must run the same generate calls. So each samples every process's prompts with one seed and keeps its own
+        # (issue 29: a teacher sampling its own prompts alone died in the first forward under ZeRO-3).
+        sharded = self.is_fsdp_enabled or is_partitioned(teacher)
+        rank = 0 if sharded else self.accelerator.process_index
         settings = GenerationSettings(
             max_new_tokens=self.max_completion_length, temperature=self.temperature, top_p=self.top_p,
-            # Seeded per step and process: a resumed run samples what the uninterrupted one did.
-            seed=hash((self.args.seed, self.state.global_step, self.accelerator.process_index)) % 2**31)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        samples = generate_transformers(teacher, prompt_ids, self.eos_token_ids, settings)
+            # Seeded per step (and process, unless sharded): a resumed run samples what the uninterrupted one did.
+            seed=hash((self.args.seed, self.state.global_step, rank)) % 2**31)
+        every = gather_object([prompt_ids]) if sharded else [prompt_ids]
+        samples = generate_transformers(teacher, [p for ids in every for p in ids], self.eos_token_ids, settings)
+        if sharded:
+            start = sum(map(len, every[:self.accelerator.process_index]))
+            samples = samples[start:start + len(prompt_ids)]
         return [s.token_ids + ([] if s.eos_token_id is None else [s.eos_token_id]) for (s,) in samples]
 
     def _generate_and_score_completions(self, inputs):
@@ -222,7 +240,7 @@ class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.Distilla
             prompt = prompt[prompt_mask.bool()].tolist()
             sequences.append(prompt + completion[completion_mask.bool()].tolist())
             prompt_lengths.append(len(prompt))
-        result = self.teacher_client.get_sequence_logprobs(sequences, prompt_lengths, top_logprobs=vocab_size)
+        result = self.teacher_request(sequences, prompt_lengths, vocab_size)
         completion = inputs["completion_ids"]
         # Padding positions stay uniform (0): masked out of the loss, and finite so they cannot turn it NaN.
         dense = torch.zeros(*completion.shape, vocab_size)
@@ -231,6 +249,22 @@ class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.Distilla
                 dense[i, :len(values)] = float("-inf")
                 dense[i, :len(values)].scatter_(-1, torch.tensor(token_ids), torch.tensor(values, dtype=torch.float32))
         return dense.to(completion.device)
+
+    def teacher_request(self, sequences: list[list[int]], prompt_lengths: list[int], vocab_size: int) -> dict:
+        """The served teacher's answer for this process's sequences. Every process asks for its own batch; a
+        failure on one is shared with all (a collective per request), so every rank raises naming the server and
+        the rank that failed, where the others would wait in the next gradient all-reduce until its timeout."""
+        result, error = None, None
+        try:
+            result = self.teacher_client.get_sequence_logprobs(sequences, prompt_lengths, top_logprobs=vocab_size)
+        except Exception as failure:
+            error = f"{type(failure).__name__}: {failure}"
+        errors = gather_object([error]) if self.accelerator.num_processes > 1 else [error]
+        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+        if failed:
+            raise VLLMServerError(f"rank {self.accelerator.process_index}: the teacher server "
+                                  f"{self.args.teacher_model_server_url} failed on rank {failed[0][0]}: {failed[0][1]}")
+        return result
 
     def served_teacher_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """The recipe's divergence against the served teacher, normalised as TRL's in-process loss (by the
@@ -259,86 +293,63 @@ class DistillTrainer(FaultInjectionMixin, ColocatedWeightSyncMixin, trl.Distilla
         return loss, (entropy * mask).sum().detach(), mask.sum()
 
 
-def set_stop_tokens(model, eos_ids: list[int], pad_id: int) -> None:
-    """The saved student stops where the input student did (Trainer rewrites generation_config's eos to
-    the tokenizer's when training starts: transformers' `align_special_tokens`)."""
-    model.generation_config.eos_token_id = eos_ids
-    model.generation_config.pad_token_id = pad_id
+def load_teacher(cfg: DistillConfig, student):
+    """(teacher model or None, teacher client or None): the teacher in-process (its vocabulary checked against
+    the student's), or a client of its server (core/vllm/client.py), whose model's vocabulary is checked."""
+    if cfg.teacher_model_server_url is not None:
+        return None, served_teacher(cfg, student)
+    teacher = load_teacher_model(cfg)
+    check_same_model_vocabulary(student, teacher, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
+    return teacher, None
+
+
+def load_data(cfg: DistillConfig, tokenizer, max_positions: int) -> tuple[Dataset, str, str]:
+    """(prompts, fingerprint, summary): the prompts, each with room for a whole completion (distill/data.py)."""
+    prompts, origins = load_prompts(cfg)
+    lengths = check_prompt_lengths(prompts, origins, tokenizer, cfg.max_completion_length, max_positions,
+                                   cfg.chat_template_kwargs or {})
+    fingerprint = data_fingerprint([repr(p) for p in prompts])
+    return (Dataset.from_list([{"prompt": p} for p in prompts]), fingerprint,
+            f"{len(prompts)} prompts ({min(lengths)}-{max(lengths)} tokens)")
 
 
 def run(cfg: DistillConfig) -> dict:
-    for key in ("model_name_or_path", "teacher_model_name_or_path"):
-        if getattr(cfg, key) is None:
-            raise ValueError(f"{key} is required: the {'student' if key == 'model_name_or_path' else 'teacher'} "
-                             f"checkpoint (e.g. an SFT output directory)")
-    # Before anything starts: a student vLLM cannot serve samples with transformers generate when colocated;
-    # a served student or teacher cannot fall back, so that is an error naming the field.
+    resume_from = preflight(cfg, "distill")
+    if cfg.teacher_model_name_or_path is None:
+        raise ValueError("distill: teacher_model_name_or_path is required: the teacher checkpoint (e.g. an RL or a "
+                         "larger SFT output directory)")
+    # A student vLLM cannot serve samples with transformers generate when colocated; a served student or teacher
+    # cannot fall back, so that is an error naming the field, before anything starts.
     if cfg.use_vllm and not use_vllm_for(cfg.model_name_or_path, served=cfg.vllm_mode == "server"):
         cfg.use_vllm = False
     if cfg.teacher_model_server_url is not None:
         use_vllm_for(cfg.teacher_model_name_or_path, served=True)
-    out = Path(cfg.output_dir)
-    resume_from = trainer_resume_point(cfg)
-
-    # Tokenizers first: a mismatch fails before any model is loaded.
-    tokenizer = load_tokenizer(cfg)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.teacher_model_name_or_path)
-    check_same_vocabulary(tokenizer, teacher_tokenizer, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
-
-    student = load_model(cfg.model_name_or_path, cfg, cfg.model_init_kwargs)
-    teacher, teacher_client = None, None
-    if cfg.teacher_model_server_url is None:
-        teacher = load_model(cfg.teacher_model_name_or_path, cfg, cfg.teacher_model_init_kwargs).eval()
-        check_same_model_vocabulary(student, teacher, cfg.model_name_or_path, cfg.teacher_model_name_or_path)
-    else:
-        teacher_client = served_teacher(cfg, student)
-    eos_ids = student.generation_config.eos_token_id
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
-
-    prompts, origins = load_prompts(cfg)
-    lengths = check_prompt_lengths(prompts, origins, tokenizer, cfg.max_completion_length,
-                                   student.config.max_position_embeddings, cfg.chat_template_kwargs or {})
-    fingerprint = data_fingerprint([repr(p) for p in prompts])
-    train_dataset = Dataset.from_list([{"prompt": p} for p in prompts])
-
-    # TRL refuses teacher_model_init_kwargs next to a loaded teacher; they were used above (load_model).
-    teacher_init_kwargs, cfg.teacher_model_init_kwargs = cfg.teacher_model_init_kwargs, None
-    trainer = DistillTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=train_dataset,
+    tokenizer = load_tokenizers(cfg)  # a vocabulary mismatch fails before any model loads
+    student = load_policy(cfg, tokenizer)
+    stop_ids = stop_token_ids(student, tokenizer, chat_templates.end_of_turn(tokenizer))  # before the Trainer's
+    teacher, teacher_client = load_teacher(cfg, student)
+    dataset, fingerprint, data_summary = load_data(cfg, tokenizer, student.config.max_position_embeddings)
+    trainer = DistillTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=dataset,
                              processing_class=tokenizer, teacher_client=teacher_client,
-                             callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
-    cfg.teacher_model_init_kwargs = teacher_init_kwargs
-    accelerator = trainer.accelerator
-    out.mkdir(parents=True, exist_ok=True)
-    generator = f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers"
-    accelerator.print(
-        f"distill: {accelerator.num_processes} process(es) (world size {cfg.world_size}, "
-        f"{accelerator.distributed_type}); student {cfg.model_name_or_path}, teacher {cfg.teacher_model_name_or_path}"
-        f"{'' if teacher_client is None else ' served at ' + cfg.teacher_model_server_url}; "
-        f"{len(prompts)} prompts ({min(lengths)}-{max(lengths)} tokens); divergence {cfg.divergence} (beta {cfg.beta}), "
-        f"on-policy fraction {cfg.lmbda}, off-policy loss {cfg.off_policy_loss}; student samples with {generator}")
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
+                             peft_config=lora_config(cfg), callbacks=stage_callbacks(cfg))
+    begin(trainer, cfg, f"{launch_summary('distill', trainer, cfg)}; student {cfg.model_name_or_path}, teacher "
+                        f"{cfg.teacher_model_server_url or cfg.teacher_model_name_or_path}; {data_summary}; divergence "
+                        f"{cfg.divergence} (beta {cfg.beta}), on-policy fraction {cfg.lmbda}, off-policy loss "
+                        f"{cfg.off_policy_loss}; student samples with "
+                        + (f"vLLM ({cfg.vllm_mode})" if cfg.use_vllm else "transformers"), resume_from)
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
     counter = trainer.completion_tokens
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics.update({"distill/student_tokens": counter.student, "distill/teacher_tokens": counter.teacher,
-                    "distill/wall_s": wall, "distill/steps": trainer.state.global_step})
-
-    if accelerator.is_main_process:
-        final = trainer.model
-        set_stop_tokens(final, eos_ids, tokenizer.pad_token_id)
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage="distill", recipe=resolved_recipe(cfg),
-                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=metrics)
-        print(f"distilled {trainer.state.global_step} steps in {wall:.0f} s: trained on {counter.student} "
-              f"student-sampled and {counter.teacher} teacher-sampled completion tokens; final train loss "
-              f"{metrics.get('train_loss', float('nan')):.4f}; model written to {cfg.output_dir}")
-    accelerator.wait_for_everyone()
-    return metrics
+    metrics = {**train_metrics(result), "distill/student_tokens": counter.student,
+               "distill/teacher_tokens": counter.teacher, "distill/wall_s": time.perf_counter() - start,
+               "distill/steps": trainer.state.global_step}
+    trainer.accelerator.print(f"distilled {trainer.state.global_step} steps in {metrics['distill/wall_s']:.0f} s: "
+                              f"trained on {counter.student} student-sampled and {counter.teacher} teacher-sampled "
+                              f"completion tokens")
+    return finish(trainer, cfg, tokenizer, stage="distill", reload=lambda: load_policy(cfg, tokenizer),
+                  stop_ids=stop_ids, fingerprint=fingerprint, metrics=metrics)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_recipe(DistillConfig, args=argv)
-    return run(cfg)
+    return stage_main(DistillConfig, run, argv)

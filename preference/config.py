@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import trl
 from trl.experimental.orpo import ORPOConfig
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import LoraFields, StageFields, device_defaults
+from core.trainer_defaults import LoraFields, StageFields
 
 METHODS = ("dpo", "kto", "orpo")
 
@@ -57,22 +57,13 @@ class PreferenceConfig(LoraFields, StageFields, trl.DPOConfig):
         "orpo: TRL's experimental ORPOTrainer (no reference model; `beta` is the odds-ratio weight lambda).",
         default="dpo")
 
-    # --- model and tokenizer ---------------------------------------------------------------------
-    model_name_or_path: str | None = _help(
-        "The checkpoint to train, and (dpo, kto) the frozen reference: usually the SFT stage's output.", default=None)
-    tokenizer_name_or_path: str | None = _help("Tokenizer, when not the one saved with the model.", default=None)
-    chat_template: str | None = _help(
-        "Chat template by name (chatml, smollm3, qwen3, llama3) or a .jinja path, installed as in the SFT stage "
-        "(missing control tokens are added, embeddings resized). Null keeps the checkpoint's own template (an SFT "
-        "output carries the one it was trained with).", default=None)
-    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+    default_output_dir: ClassVar[str] = "out/preference"
+    default_sources: ClassVar[list[dict]] = [{"path": "builtin:arithmetic_pairs"}]
+    # `model_name_or_path` is also the frozen reference (dpo, kto): usually the SFT stage's output. `sources`:
+    # builtin:arithmetic_pairs, builtin:arithmetic_kto, a local file (e.g. preference.build_pairs' output) or a
+    # Hugging Face dataset; row formats in preference/data.py (core/trainer_defaults.py declares them).
 
     # --- data ------------------------------------------------------------------------------------
-    sources: list[dict] = _help(
-        "Data sources: {path, split, name, max_rows, seed} (core/sources.py); path is builtin:arithmetic_pairs, "
-        "builtin:arithmetic_kto, a local .jsonl/.json/.parquet/.arrow file (e.g. preference.build_pairs' output), "
-        "or a Hugging Face dataset name. Row formats: preference/data.py.",
-        default_factory=lambda: [{"path": "builtin:arithmetic_pairs"}])
     truncation: bool = _help(
         "Let TRL truncate rows longer than max_length (keep_start; DPO drops a row whose prompt alone fills it). "
         "Off: such a row is an error naming it.", default=False)
@@ -89,11 +80,8 @@ class PreferenceConfig(LoraFields, StageFields, trl.DPOConfig):
     loss_type: list[str] | None = _help(
         f"dpo: one or more of {list(DPO_LOSS_TYPES)} (default [sigmoid]); several are mixed with loss_weights "
         f"(e.g. MPO). kto: one of {list(KTO_LOSS_TYPES)} (default kto). orpo: not used.", default=None)
-    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, then the final model and stage.json.",
-                            default="out/preference")
 
     def __post_init__(self):
-        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; methods: {list(METHODS)}")
         if isinstance(self.loss_type, str):
@@ -104,7 +92,7 @@ class PreferenceConfig(LoraFields, StageFields, trl.DPOConfig):
             self.train_sampling_strategy = trl.KTOConfig.__dataclass_fields__["train_sampling_strategy"].default
         # Before TRL's __post_init__, which resolves some values (pad_to_multiple_of "auto" -> None).
         self._check_method_fields()
-        super().__post_init__()
+        super().__post_init__()  # StageFields: devices, run directory, data (core/trainer_defaults.py)
         if self.method == "dpo":
             unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
             if unknown:

@@ -46,9 +46,10 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from core.decontaminate import NGRAM_SIZE, NGramIndex, evaluation_prompts
+from core.decontaminate import NGRAM_SIZE, NGramIndex
 from core.recipe import help_field as _help
 from core.sources import QUALITY_FILTERS, ROW_SOURCE_KEYS, DataSourceError, SourceSpec, iter_rows
+from rewards.suites import evaluation_prompts
 
 # The keys a curation source reads: a row source's, the text field, and the filters, which are this
 # stage's own (a source's `filters` replaces the recipe's list, [] for none); no mixture weight (that is

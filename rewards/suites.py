@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.arithmetic import answer, question, split_facts
+from core.decontaminate import prompt_text
 from rewards.functions import REWARD_FUNCS
 from rewards.math_grader import boxed_contents
 
@@ -176,3 +177,21 @@ def get_suite(name: str) -> RewardSuite:
 def load_rows(suite: RewardSuite, split: str = "test", data_path: str | None = None) -> list[dict]:
     """The suite's rows for `split` (local-file suites read `data_path` whatever the split)."""
     return suite.load(split, data_path)
+
+
+def evaluation_prompts(targets: list[dict]) -> list[str]:
+    """The prompts of each `{suite, split, data_path}` target, as plain text, e.g.
+    `{suite: arithmetic, split: test}`. Only held-out splits belong here: the tiny recipes train on
+    the arithmetic suite's train split on purpose. What core/decontaminate.py indexes (core imports no
+    rewards: the stages hand it these prompts)."""
+    prompts = []
+    for i, target in enumerate(targets):
+        unknown = set(target) - {"suite", "split", "data_path"}
+        if unknown or "suite" not in target:
+            raise ValueError(f"decontaminate_against[{i}]: needs 'suite' (and optional 'split', 'data_path'); "
+                             f"unknown keys {sorted(unknown)}" if unknown else
+                             f"decontaminate_against[{i}]: needs 'suite', got {target!r}")
+        suite = get_suite(target["suite"])
+        for row in load_rows(suite, target.get("split", "test"), target.get("data_path")):
+            prompts.append(prompt_text(row["prompt"]))
+    return prompts

@@ -23,7 +23,7 @@ truncated completion is scored like any other. DAPO (Yu et al. 2025) penalises l
 the last `soft_punish_cache` tokens before `max_completion_length`, so the policy is pushed back
 before it hits the cut-off. The `length_hacking` alert (rl/rollouts.py) watches for the same failure.
 
-Every deviation from TRL is listed in rl/train.py's docstring and rl/vllm_backend.py's.
+Every deviation from TRL is listed in rl/train.py's docstring and core/vllm/trl.py's.
 """
 
 from core.infra import end_process_group

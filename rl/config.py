@@ -15,31 +15,22 @@ machine `use_cpu` (so `accelerate launch` with 2 processes gives a real world si
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import trl
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import DecontaminationFields, LoraFields, StageFields, device_defaults
+from core.trainer_defaults import DecontaminationFields, LoraFields, PromptFields, StageFields, VLLMFields
 
 
 @dataclass
-class GRPOConfig(DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig):
-    # --- model -----------------------------------------------------------------------------------
-    model_name_or_path: str | None = _help(
-        "The policy to train: an SFT stage's output (tokenizer with chat template included), any local HF "
-        "checkpoint, or a hub id. The colocated / served vLLM engine loads the same directory.", default=None)
-    attn_implementation: str = _help("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")
+class GRPOConfig(PromptFields, VLLMFields, DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig):
+    default_output_dir: ClassVar[str] = "out/grpo"
+    # `model_name_or_path` (core/trainer_defaults.py): the policy, usually an SFT output (tokenizer with chat
+    # template included); the colocated / served vLLM engine loads the same directory. Prompts: `suite` or
+    # `sources` (PromptFields).
 
     # --- prompts ---------------------------------------------------------------------------------
-    suite: str | None = _help(
-        "Prompts from a reward suite (rewards/suites.py: arithmetic, gsm8k, math), with the suite's `answer` "
-        "column. Exclusive with `sources`.", default=None)
-    suite_split: str = _help("The suite split to train on (the `test` split stays held out).", default="train")
-    suite_data_path: str | None = _help("The local jsonl the gsm8k / math suites read.", default=None)
-    sources: list[dict] | None = _help(
-        "Prompts from data sources (core/sources.py keys path, name, subset, split, max_rows, seed): rows with a "
-        "`prompt` column (a string, or a list of chat messages) plus the columns the rewards read (e.g. `answer`).",
-        default=None)
     max_prompt_length: int | None = _help(
         "Prompts longer than this many tokens (as rendered by the chat template) are dropped before training and "
         "counted (printed, and `data/prompts_dropped_too_long` in stage.json). Null keeps every prompt.",
@@ -63,24 +54,10 @@ class GRPOConfig(DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig)
         "(reward_model_<i> with several). With reward_funcs: [] the learned reward is the only one.", default=None)
 
     # --- vLLM ------------------------------------------------------------------------------------
-    vllm_kv_cache_memory_bytes: int = _help(
-        "KV-cache size of the colocated vLLM engine on a CPU machine (vLLM's CPU default reserves a fraction of host "
-        "RAM, which fails beside a training process). On GPUs TRL's vllm_gpu_memory_utilization applies.",
-        default=256 << 20)
-    vllm_cpu_compile: bool = _help(
-        "On a CPU machine, let the colocated engine compile the model with inductor (vLLM's CPU default) instead of "
-        "running eager. Every engine start then compiles first (tens of seconds on 2 cores), and rollouts run faster: "
-        "bench/rl_rollout.py measures both. On GPUs TRL's engine settings apply (compiled, with CUDA graphs).",
-        default=False)
     vllm_sync_check: int = _help(
         "After every weight sync, compare vLLM's greedy tokens (up to 16) and their log-probs with the policy's own on "
         "this many of the batch's prompts; logged as vllm/sync_greedy_match and vllm/sync_logprob_max_diff. 0: off.",
         default=0)
-    vllm_request_timeout: float = _help(
-        "Served mode: seconds one HTTP request to the vLLM server may take (generation or weight sync) before every "
-        "trainer rank fails naming the server. TRL's requests have no timeout: a stalled server hangs the run.",
-        default=300.0)
-
     # --- rollout logging and alerts --------------------------------------------------------------
     rollout_samples: int = _help(
         "Completions (with their prompt and rewards) written per logging step to output_dir/rollouts.jsonl (and a "
@@ -100,16 +77,10 @@ class GRPOConfig(DecontaminationFields, LoraFields, StageFields, trl.GRPOConfig)
         "length limit as training), printed with the wall time and stored in stage.json.", default=True)
 
     # --- TRL defaults changed --------------------------------------------------------------------
-    output_dir: str = _help("Run directory: checkpoint-*/, metrics.jsonl, rollouts.jsonl, alerts.jsonl, then the "
-                            "final model and stage.json.", default="out/grpo")
     logging_steps: float = _help("Log (metrics.jsonl, rollouts, alerts) every this many steps.", default=1)
 
     def __post_init__(self):
-        device_defaults(self)  # use_cpu on CPU machines, bf16 where it runs (core/trainer_defaults.py)
-        if (self.suite is None) == (self.sources is None):
-            raise ValueError("give exactly one of `suite` (e.g. arithmetic) and `sources` (rows with a `prompt` "
-                             f"column); got suite={self.suite!r}, sources={self.sources!r}")
-        super().__post_init__()
+        super().__post_init__()  # suite xor sources, devices, run directory (core/trainer_defaults.py)
         if isinstance(self.reward_kwargs, str):  # from the command line, as TRL does for its dict fields
             self.reward_kwargs = json.loads(self.reward_kwargs)
         if isinstance(self.reward_models, dict):  # one model, written as a single mapping

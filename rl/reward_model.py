@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import trl
@@ -53,13 +52,12 @@ from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcl
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
-from core.faults import FaultCallback, FaultInjectionMixin
-from core.metrics import MetricsCallback
-from core.moe import MoEStepCallback
-from core.recipe import parse_recipe, resolved_recipe
+from core.checkpoint import data_fingerprint
+from core.faults import FaultInjectionMixin
+from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
+                            train_metrics, whole_model)
 from core.sources import labelled_rows
-from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
+from core.trainer_defaults import lora_config
 
 from .reward_model_config import RewardModelConfig
 
@@ -206,21 +204,8 @@ def format_accuracy(result: dict[str, float]) -> str:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def run(cfg: RewardModelConfig) -> dict:
-    if cfg.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required: the checkpoint to start from (e.g. out/tiny/sft)")
-    out = Path(cfg.output_dir)
-    resume_from = trainer_resume_point(cfg)
-    tokenizer, added = load_stage_tokenizer(cfg)
-    # The score head of a causal-LM checkpoint starts random: seeded, or two runs of one recipe differ from
-    # the first step (and a resumed run could not be compared with an uninterrupted one).
-    set_seed(cfg.seed)
-    # One output, the reward. TRL's own context: a causal LM's lm_head is unexpected and score.weight
-    # missing, both on purpose.
-    with suppress_seqcls_warning():
-        model = load_stage_model(cfg, tokenizer, AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id
-
+def load_data(cfg: RewardModelConfig, tokenizer) -> tuple[Dataset, Dataset | None, str, str]:
+    """(train pairs, held-out pairs or None, fingerprint, summary), every pair checked as TRL will see it."""
     rows, origins = load_pairs(cfg.sources)
     lengths = validate_pairs(rows, origins, tokenizer, cfg.max_length)
     eval_rows = []
@@ -228,56 +213,71 @@ def run(cfg: RewardModelConfig) -> dict:
         eval_rows, eval_origins = load_pairs(cfg.eval_sources, "eval_sources")
         validate_pairs(eval_rows, eval_origins, tokenizer, cfg.max_length)
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
+    summary = (f"{len(rows)} pairs ({pair_format(rows[0], origins[0])}), longest {max(lengths)} tokens; "
+               f"{len(eval_rows)} held-out pairs")
+    return Dataset.from_list(rows), Dataset.from_list(eval_rows) if eval_rows else None, fingerprint, summary
 
-    trainer = RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
-                            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+
+def load_reward_model(cfg: RewardModelConfig, tokenizer):
+    """A sequence classifier with one output, the reward. The score head of a causal-LM checkpoint starts
+    random: seeded, or two runs of one recipe differ from the first step (and a resumed run could not be
+    compared with an uninterrupted one). TRL's own context: a causal LM's lm_head is unexpected and
+    score.weight missing, both on purpose."""
+    set_seed(cfg.seed)
+    with suppress_seqcls_warning():
+        model = load_policy(cfg, tokenizer, AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class HeldOutAccuracy:
+    """Held-out pair accuracy before and after training (`eval_sources`)."""
+
+    def __init__(self, trainer, batch_size: int):
+        self.dataset, self.pad_id, self.batch_size = trainer.eval_dataset, trainer.processing_class.pad_token_id, batch_size
+        self.before: dict[str, float] | None = None
+
+    def accuracy(self, model) -> dict[str, float]:
+        return pair_accuracy(model, self.dataset, self.pad_id, self.batch_size)
+
+    def after(self, model) -> dict[str, float]:
+        after = self.accuracy(model)
+        metrics = {f"heldout/{k}": v for k, v in after.items()}
+        if self.before is not None:
+            metrics.update({f"heldout_before/{k}": v for k, v in self.before.items()})
+        print(f"held-out pairs ({len(self.dataset)}), chosen ranked above rejected: "
+              + (f"before {format_accuracy(self.before)} -> after {format_accuracy(after)}" if self.before is not None
+                 else f"after training: {format_accuracy(after)}"))
+        return metrics
+
+
+def run(cfg: RewardModelConfig) -> dict:
+    resume_from = preflight(cfg, "reward_model")
+    tokenizer, added = chat_templates.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                                     cfg.chat_template)
+    train_dataset, eval_dataset, fingerprint, data_summary = load_data(cfg, tokenizer)
+    model = load_reward_model(cfg, tokenizer)
+    trainer = RewardTrainer(model=model, args=cfg, train_dataset=train_dataset, eval_dataset=eval_dataset,
                             processing_class=tokenizer, peft_config=lora_config(cfg, "SEQ_CLS"),
-                            callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
-    accelerator = trainer.accelerator
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator.print(
-        f"reward_model: {accelerator.num_processes} process(es) (world size {cfg.world_size}, "
-        f"{accelerator.distributed_type}); {len(rows)} pairs ({pair_format(rows[0], origins[0])}), longest "
-        f"{max(lengths)} tokens; {len(eval_rows)} held-out pairs; template {cfg.chat_template}"
-        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
-    batch_size = cfg.per_device_eval_batch_size
-    before = None
-    if eval_rows and accelerator.is_main_process and resume_from is None:
-        before = pair_accuracy(trainer.model, trainer.eval_dataset, tokenizer.pad_token_id, batch_size)
+                            callbacks=stage_callbacks(cfg))
+    begin(trainer, cfg, f"{launch_summary('reward_model', trainer, cfg)}; {data_summary}; template "
+                        f"{cfg.chat_template or 'of the checkpoint'}"
+                        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""),
+          resume_from)
+    check = HeldOutAccuracy(trainer, cfg.per_device_eval_batch_size) if eval_dataset is not None else None
+    if check is not None and resume_from is None:
+        with whole_model(trainer) as full:
+            check.before = check.accuracy(full) if full is not None else None
 
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-
-    if trainer.is_fsdp_enabled and cfg.use_peft:
-        raise NotImplementedError("use_peft under FSDP: the sharded adapter cannot be merged here; train LoRA "
-                                  "reward models with DDP (recipes/accelerate_configs/ddp.yaml)")
-    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-    if accelerator.is_main_process:
-        final = trainer.model.merge_and_unload() if cfg.use_peft else trainer.model
-        if eval_rows and not trainer.is_fsdp_enabled:
-            after = pair_accuracy(final, trainer.eval_dataset, tokenizer.pad_token_id, batch_size)
-            metrics.update({f"heldout/{k}": v for k, v in after.items()})
-            if before is not None:
-                metrics.update({f"heldout_before/{k}": v for k, v in before.items()})
-                print(f"held-out pairs ({len(eval_rows)}), chosen ranked above rejected: before "
-                      f"{format_accuracy(before)} -> after {format_accuracy(after)}")
-            else:
-                print(f"held-out pairs ({len(eval_rows)}), chosen ranked above rejected after training: "
-                      f"{format_accuracy(after)}")
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage="reward_model", recipe=resolved_recipe(cfg),
-                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=metrics,
-                        state_dict=state_dict)
-        print(f"final train loss {metrics.get('train_loss', float('nan')):.4f}; reward model written to "
-              f"{cfg.output_dir}")
-    accelerator.wait_for_everyone()
-    return metrics
+    # No stop tokens: a reward model scores, it does not generate.
+    return finish(trainer, cfg, tokenizer, stage="reward_model", reload=lambda: load_reward_model(cfg, tokenizer),
+                  stop_ids=None, fingerprint=fingerprint, metrics=train_metrics(result),
+                  evaluate=check.after if check is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_recipe(RewardModelConfig, args=argv)
-    return run(cfg)
+    return stage_main(RewardModelConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ It runs `vllm serve` (this process becomes the server) with:
     `--kv-cache-memory-bytes` (vLLM's CPU default compiles with inductor at every start and reserves a
     fraction of host RAM). There is no NCCL on CPU: the trainer writes its weights into shared memory
     (/dev/shm) and the server's workers reload them with `reload_weights` through `/collective_rpc`
-    (rl/vllm_backend.py). Measured on the tiny preset (0.5M parameters, 2 busy cores; `vllm/sync_seconds`
+    (core/vllm/trl.py). Measured on the tiny preset (0.5M parameters, 2 busy cores; `vllm/sync_seconds`
     in metrics.jsonl): about 0.1 s per sync (0.4 s the first time), against 0.04-0.06 s for the colocated
     in-process reload. It needs the server on the trainer's machine (shared /dev/shm); a remote CPU
     server would need the weights sent over HTTP instead.

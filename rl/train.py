@@ -7,10 +7,10 @@ comes with the SFT checkpoint) and model; load the prompts and bind the rewards,
 starts); drop over-long prompts (counted); measure held-out greedy pass@1; train with `GRPOTrainer`;
 measure again; save the final model (LoRA merged) with stage.json atomically.
 
-Where we deviate from TRL's GRPOTrainer (all in this file and rl/vllm_backend.py):
+Where we deviate from TRL's GRPOTrainer (all in this file and core/vllm/trl.py):
   - vLLM on CPU: eager engine with an explicit KV cache; weights synchronised with
     `core.vllm.update_weights` after each optimizer step (colocate), or through shared memory
-    (server); served-mode requests time out and fail on every rank (rl/vllm_backend.py);
+    (server); served-mode requests time out and fail on every rank (core/vllm/trl.py);
   - `vllm_sync_check`: after each weight sync, vLLM's greedy tokens and their log-probs on a few
     training prompts are compared with the policy's own (`vllm/sync_greedy_match`,
     `vllm/sync_logprob_max_diff` in metrics.jsonl);
@@ -40,37 +40,34 @@ from pathlib import Path
 import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer import TRAINER_STATE_NAME
 
+import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
-from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
-from core.faults import FaultCallback, FaultInjectionMixin
+from core.checkpoint import data_fingerprint
+from core.decontaminate import NGramIndex, decontaminate_rows
+from core.faults import FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
-from core.metrics import MetricsCallback
-from core.moe import MoEStepCallback
-from core.recipe import parse_recipe, resolved_recipe
+from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
+                            stop_token_ids, train_metrics, whole_model)
 from core.trainer_defaults import lora_config
 from core.vllm import use_vllm_for
+from core.vllm.trl import SmolForgeVLLMMixin
 from rewards.functions import REWARD_FUNCS, compute_rewards
-from rewards.suites import get_suite
+from rewards.suites import evaluation_prompts, get_suite
 from rewards.suites import load_rows as load_suite_rows
 
 from .config import GRPOConfig
 from .data import (as_conversations, build_reward_models, build_rewards, check_reward_columns, drop_long_prompts,
                    load_prompts, prompt_ids, reward_model_specs, reward_setup)
 from .rollouts import RolloutMonitor
-from .vllm_backend import use_smolforge_vllm
 
 
-class GRPOTrainer(FaultInjectionMixin, trl.GRPOTrainer):
-    """TRL's GRPOTrainer with smolforge's vLLM backend (rl/vllm_backend.py), the sync check and rollout logging."""
+class GRPOTrainer(FaultInjectionMixin, SmolForgeVLLMMixin, trl.GRPOTrainer):
+    """TRL's GRPOTrainer with smolforge's vLLM backend (core/vllm/trl.py), the sync check and rollout logging."""
 
     def __init__(self, *args, monitor: RolloutMonitor | None = None, **kwargs):
-        cfg = kwargs["args"]
-        with use_smolforge_vllm(cfg.vllm_kv_cache_memory_bytes, cfg.vllm_request_timeout, cfg.vllm_cpu_compile):
-            super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)
         self.monitor = monitor
 
     # --- weight-sync check ----------------------------------------------------------------------
@@ -126,26 +123,17 @@ class GRPOTrainer(FaultInjectionMixin, trl.GRPOTrainer):
 
 
 def load_tokenizer(cfg: GRPOConfig):
-    # Left padding: TRL pads prompts on the left for generation.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, padding_side="left")
+    """The policy's tokenizer, left-padded as TRL pads prompts for generation. It cannot grow (the vLLM engine loads
+    the checkpoint's vocabulary), and it must have a pad token of its own: TRL would pad with the eos token, which
+    it then cannot tell from a real end."""
+    tokenizer, _ = chat_templates.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                                 cfg.chat_template, add_missing_tokens=False, pad=False,
+                                                 padding_side="left")
     if tokenizer.pad_token is None:
         raise ValueError(f"{cfg.model_name_or_path}: the tokenizer has no pad token; TRL would pad with the eos token, "
                          f"which it then cannot tell from a real end. Give the policy a pad token (the SFT stage adds "
                          f"<|pad|>)")
     return tokenizer
-
-
-def load_model(cfg: GRPOConfig):
-    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32, **(cfg.model_init_kwargs or {})}
-    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The ids that end a completion, as TRL takes them: the generation config's, plus the tokenizer's eos."""
-    eos = model.generation_config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return ids + [e for e in (tokenizer.eos_token_id,) if e is not None and e not in ids]
 
 
 def held_out_pass_at_1(model, tokenizer, rows: list[dict], cfg: GRPOConfig, eos_ids: list[int]) -> float:
@@ -166,84 +154,91 @@ def resumed_step(checkpoint: str | None) -> int | None:
     return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["global_step"]
 
 
-def run(cfg: GRPOConfig) -> dict:
-    if cfg.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required: the policy to train (e.g. out/tiny/sft)")
-    # Before anything starts: a policy vLLM cannot serve (e.g. MLA on vLLM's CPU backend) rolls out with
-    # transformers generate when colocated; a served vLLM cannot fall back, so that is an error naming the field.
-    if cfg.use_vllm and not use_vllm_for(cfg.model_name_or_path, served=cfg.vllm_mode == "server"):
-        cfg.use_vllm = False
-    out = Path(cfg.output_dir)
-    resume_from = trainer_resume_point(cfg)
-
-    # Prompts and rewards first: a bad recipe fails before a model or an engine is loaded.
-    names, weights, reward_kwargs = reward_setup(cfg)
-    reward_models = reward_model_specs(cfg, names)
+def load_prompt_rows(cfg: GRPOConfig, rewards: dict[str, float]) -> tuple[list[dict], str, dict]:
+    """(rows, where they come from, metrics): prompts decontaminated, the columns the `rewards` (name: weight) read
+    checked. A bad recipe fails here, before a model or an engine loads."""
     rows, origins, where = load_prompts(cfg)
     rows, origins, n_contaminated = decontaminate_rows(
         rows, NGramIndex(evaluation_prompts(cfg.decontaminate_against)), f"rl ({where})", origins)
-    check_reward_columns(rows, origins, names, where)
-    cfg.reward_weights = weights + [spec.weight for spec in reward_models]
-    tokenizer = load_tokenizer(cfg)
-    template_kwargs = cfg.chat_template_kwargs or {}
+    check_reward_columns(rows, origins, list(rewards), where)
+    return rows, where, {"data/prompts_dropped_contaminated": n_contaminated}
+
+
+def prompt_dataset(cfg: GRPOConfig, rows: list[dict], tokenizer, metrics: dict) -> tuple[Dataset, str, str]:
+    """(dataset, fingerprint, summary): prompts as conversations where the tokenizer has a template, over-long ones
+    dropped and counted (in `metrics`)."""
     rows = as_conversations(rows, tokenizer)
-    rows, lengths, dropped = drop_long_prompts(rows, tokenizer, cfg.max_prompt_length, template_kwargs)
+    rows, lengths, dropped = drop_long_prompts(rows, tokenizer, cfg.max_prompt_length, cfg.chat_template_kwargs or {})
+    metrics.update({"data/prompts": len(rows), "data/prompts_dropped_too_long": dropped})
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
+    return (Dataset.from_list(rows), fingerprint,
+            f"prompt tokens {min(lengths)}-{max(lengths)}, {dropped} dropped as longer than max_prompt_length")
 
-    model = load_model(cfg)
-    stop_ids = stop_token_ids(model, tokenizer)
-    saved_eos = model.generation_config.eos_token_id
-    held_out = None
-    if cfg.suite is not None and cfg.held_out_eval:
-        suite = get_suite(cfg.suite)
-        held_out = as_conversations(load_suite_rows(suite, "test", cfg.suite_data_path), tokenizer)
 
-    reward_funcs = build_rewards(names, reward_kwargs) + build_reward_models(reward_models)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=cfg,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=lora_config(cfg), callbacks=[MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()])
-    accelerator = trainer.accelerator
-    if trainer.is_fsdp_enabled and cfg.use_peft:
-        raise ValueError("use_peft with FSDP: the gathered weights would be the adapter model's; train LoRA with DDP")
-    if accelerator.is_main_process:
-        trainer.monitor = RolloutMonitor(out, cfg.rollout_samples, cfg.alert_window, cfg.alert_fraction,
-                                         cfg.accuracy_reward, printer=accelerator.print,
-                                         wandb_run=_wandb_run(cfg), resume_step=resumed_step(resume_from), seed=cfg.seed)
-    backend = f"vLLM {cfg.vllm_mode}" if cfg.use_vllm else "transformers generate"
-    accelerator.print(
-        f"rl: {accelerator.num_processes} process(es) (world size {cfg.world_size}, {accelerator.distributed_type}); {len(rows)} prompts from "
-        f"{where}, prompt tokens {min(lengths)}-{max(lengths)}, {dropped} dropped as longer than max_prompt_length; "
-        f"rewards {dict(zip(names, weights))}; loss {cfg.loss_type}, importance sampling {cfg.importance_sampling_level}, "
-        f"beta {cfg.beta}; rollouts from {backend}")
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
+def build_reward_funcs(cfg: GRPOConfig) -> tuple[list, dict[str, float]]:
+    """The recipe's rewards by name, then its learned reward models, with `reward_weights` in the same order; and
+    the named rewards' weights. Unknown names and bad reward-model specs fail here, before anything loads."""
+    names, weights, reward_kwargs = reward_setup(cfg)
+    reward_models = reward_model_specs(cfg, names)
+    cfg.reward_weights = weights + [spec.weight for spec in reward_models]
+    return build_rewards(names, reward_kwargs) + build_reward_models(reward_models), dict(zip(names, weights))
 
-    metrics = {"data/prompts": len(rows), "data/prompts_dropped_too_long": dropped,
-               "data/prompts_dropped_contaminated": n_contaminated}
-    if held_out is not None and accelerator.is_main_process and resume_from is None:
-        metrics["held_out/pass@1_before"] = held_out_pass_at_1(trainer.model, tokenizer, held_out, cfg, stop_ids)
+
+class HeldOutPassAt1:
+    """Greedy pass@1 on the suite's `test` split, before and after training (`held_out_eval`)."""
+
+    def __init__(self, cfg: GRPOConfig, tokenizer, stop_ids: list[int]):
+        self.cfg, self.tokenizer, self.stop_ids = cfg, tokenizer, stop_ids
+        self.rows = as_conversations(load_suite_rows(get_suite(cfg.suite), "test", cfg.suite_data_path), tokenizer)
+        self.before: float | None = None
+        self.start = time.perf_counter()
+
+    def score(self, model) -> float:
+        return held_out_pass_at_1(model, self.tokenizer, self.rows, self.cfg, self.stop_ids)
+
+    def after(self, model) -> dict:
+        after = self.score(model)
+        backend = f"vLLM {self.cfg.vllm_mode}" if self.cfg.use_vllm else "transformers generate"
+        print(f"held-out pass@1 ({len(self.rows)} prompts of suite {self.cfg.suite}, greedy): "
+              f"{'n/a (resumed)' if self.before is None else f'{self.before:.3f}'} -> {after:.3f}; "
+              f"GRPO wall time {time.perf_counter() - self.start:.1f} s ({backend})")
+        return {"held_out/pass@1_after": after,
+                **({} if self.before is None else {"held_out/pass@1_before": self.before})}
+
+
+def run(cfg: GRPOConfig) -> dict:
+    resume_from = preflight(cfg, "rl")
+    # A policy vLLM cannot serve (e.g. MLA on vLLM's CPU backend) rolls out with transformers generate when
+    # colocated; a served vLLM cannot fall back, so that is an error naming the field.
+    if cfg.use_vllm and not use_vllm_for(cfg.model_name_or_path, served=cfg.vllm_mode == "server"):
+        cfg.use_vllm = False
+    reward_funcs, rewards = build_reward_funcs(cfg)
+    rows, where, metrics = load_prompt_rows(cfg, rewards)
+    tokenizer = load_tokenizer(cfg)
+    dataset, fingerprint, lengths = prompt_dataset(cfg, rows, tokenizer, metrics)
+    model = load_policy(cfg, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer, chat_templates.end_of_turn(tokenizer))  # before the Trainer's
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=cfg, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=stage_callbacks(cfg))
+    if trainer.accelerator.is_main_process:
+        trainer.monitor = RolloutMonitor(Path(cfg.output_dir), cfg.rollout_samples, cfg.alert_window,
+                                         cfg.alert_fraction, cfg.accuracy_reward, printer=trainer.accelerator.print,
+                                         wandb_run=_wandb_run(cfg), resume_step=resumed_step(resume_from),
+                                         seed=cfg.seed)
+    begin(trainer, cfg, f"{launch_summary('rl', trainer, cfg)}; {len(dataset)} prompts from {where}, {lengths}; "
+                        f"rewards {rewards}; loss {cfg.loss_type}, importance sampling {cfg.importance_sampling_level}, "
+                        f"beta {cfg.beta}; rollouts from "
+                        + (f"vLLM {cfg.vllm_mode}" if cfg.use_vllm else "transformers generate"), resume_from)
+    check = HeldOutPassAt1(cfg, tokenizer, stop_ids) if cfg.suite is not None and cfg.held_out_eval else None
+    if check is not None and resume_from is None:
+        with whole_model(trainer) as full:
+            check.before = check.score(full) if full is not None else None
+
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics["train_wall_seconds"] = time.perf_counter() - start
-    metrics.update({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
-
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_fsdp_enabled else None
-    final = trainer.model.merge_and_unload() if cfg.use_peft else trainer.model
-    if accelerator.is_main_process:
-        final.generation_config.eos_token_id = saved_eos
-        final.generation_config.pad_token_id = tokenizer.pad_token_id
-        if held_out is not None:
-            metrics["held_out/pass@1_after"] = held_out_pass_at_1(final, tokenizer, held_out, cfg, stop_ids)
-            before = metrics.get("held_out/pass@1_before")
-            print(f"held-out pass@1 ({len(held_out)} prompts of suite {cfg.suite}, greedy): "
-                  f"{'n/a (resumed)' if before is None else f'{before:.3f}'} -> {metrics['held_out/pass@1_after']:.3f}; "
-                  f"GRPO wall time {metrics['train_wall_seconds']:.1f} s ({backend})")
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage="rl", recipe=resolved_recipe(cfg),
-                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=metrics,
-                        state_dict=state_dict)
-        print(f"model written to {cfg.output_dir}")
-    accelerator.wait_for_everyone()
-    return metrics
+    metrics.update({"train_wall_seconds": time.perf_counter() - start, **train_metrics(result)})
+    return finish(trainer, cfg, tokenizer, stage="rl", reload=lambda: load_policy(cfg, tokenizer), stop_ids=stop_ids,
+                  fingerprint=fingerprint, metrics=metrics, evaluate=check.after if check is not None else None)
 
 
 def _wandb_run(cfg: GRPOConfig):
@@ -255,5 +250,4 @@ def _wandb_run(cfg: GRPOConfig):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_recipe(GRPOConfig, args=argv)
-    return run(cfg)
+    return stage_main(GRPOConfig, run, argv)

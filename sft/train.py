@@ -28,23 +28,22 @@ with SIGKILL right after, or in the middle of, writing the checkpoint of step N,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import trl
 from datasets import Dataset
 
 import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
-from core.checkpoint import data_fingerprint, save_checkpoint, trainer_resume_point
-from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
-from core.faults import FaultCallback, FaultInjectionMixin
-from core.metrics import MetricsCallback
-from core.moe import MoEStepCallback
-from core.recipe import parse_recipe, resolved_recipe
+from core.checkpoint import data_fingerprint
+from core.decontaminate import NGramIndex, decontaminate_rows
+from core.faults import FaultInjectionMixin
+from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
+                            stop_token_ids, train_metrics, whole_model)
+from core.sources import ROW_SOURCE_KEYS, SourceSpec, load_rows
+from core.trainer_defaults import lora_config
+from rewards.suites import evaluation_prompts
 
 from .config import SFTConfig
-from core.sources import ROW_SOURCE_KEYS, SourceSpec, load_rows
-from core.trainer_defaults import load_stage_model, load_stage_tokenizer, lora_config
 
 from .data import load_sources, validate_rows
 from .generation import format_rates, generation_check
@@ -73,36 +72,6 @@ class SFTTrainer(FaultInjectionMixin, trl.SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def set_stop_tokens(model, tokenizer, end_of_turn: str) -> None:
-    """Generation stops at the end of a turn (first), or at the tokenizer's eos.
-
-    Done on the final model: Trainer rewrites `generation_config.eos_token_id` to the tokenizer's eos
-    when training starts (transformers' `align_special_tokens`)."""
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-    model.generation_config.eos_token_id = [eot_id, *[e for e in (tokenizer.eos_token_id,) if e not in (None, eot_id)]]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-
-
-def final_model(cfg: SFTConfig, trainer: SFTTrainer, tokenizer):
-    """(model, full state dict or None) to save on the main process: a plain checkpoint, LoRA merged.
-
-    Under FSDP the weights are sharded: they are gathered first (collective, every rank). With LoRA
-    the gathered keys are the adapter model's, so they are loaded into an unsharded copy of it and
-    merged there; saving the gathered dict as it is would write unmerged PEFT keys (issue 11)."""
-    if not trainer.is_fsdp_enabled:
-        return (trainer.model.merge_and_unload() if cfg.use_peft else trainer.model), None
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-    if not cfg.use_peft:
-        return trainer.model, state_dict
-    if not trainer.accelerator.is_main_process:
-        return None, None
-    from peft import get_peft_model
-
-    copy = get_peft_model(load_stage_model(cfg, tokenizer), lora_config(cfg))
-    copy.load_state_dict(state_dict, strict=True)
-    return copy.merge_and_unload(), None
-
-
 def generation_rows(spec: dict) -> tuple[list[dict], int]:
     """The one-turn conversations of the `generation_eval` source, one per distinct question (each
     is asked in both modes; earlier turns are left out because they fix the mode of the whole chat)."""
@@ -118,69 +87,73 @@ def generation_rows(spec: dict) -> tuple[list[dict], int]:
     return list(rows.values()), max_new_tokens
 
 
-def run(cfg: SFTConfig) -> dict:
-    if cfg.model_name_or_path is None:
-        raise ValueError("model_name_or_path is required: the checkpoint to fine-tune (e.g. out/tiny/pretrain)")
-    # Only complete checkpoints: the Trainer writes trainer_state.json last, and get_last_checkpoint
-    # would take a half-written highest-numbered one (issue 11).
-    resume_from = trainer_resume_point(cfg)
-    template = chat_templates.load(cfg.chat_template)
-    tokenizer, added = load_stage_tokenizer(cfg)
-    model = load_stage_model(cfg, tokenizer)
+class GenerationEval:
+    """The `generation_eval` check (sft/generation.py): the held-out prompts, asked before training and after."""
 
+    def __init__(self, spec: dict, tokenizer, end_of_turn: str):
+        self.rows, self.max_new_tokens = generation_rows(spec)
+        self.tokenizer, self.end_of_turn = tokenizer, end_of_turn
+        self.before: dict[str, float] | None = None
+
+    def rates(self, model) -> dict[str, float]:
+        return generation_check(model, self.tokenizer, self.end_of_turn, self.rows, self.max_new_tokens)
+
+    def after(self, model) -> dict[str, float]:
+        """Metrics for stage.json, and the before -> after line."""
+        after = self.rates(model)
+        metrics = {f"generation/{k}": v for k, v in after.items()}
+        if self.before is not None:
+            metrics.update({f"generation_before/{k}": v for k, v in self.before.items()})
+        print(f"held-out generations ({len(self.rows)} prompts x think/no-think), "
+              + (f"before -> after SFT: {format_rates(self.before, after)}" if self.before is not None
+                 else f"after SFT: {format_rates(after, after)}"))
+        return metrics
+
+
+def load_data(cfg: SFTConfig, tokenizer) -> tuple[Dataset, str, str, int]:
+    """(dataset, fingerprint, summary, rows dropped as contaminated): sources loaded, mixed, decontaminated and
+    checked (bad rows fail here, named: sft/data.py)."""
     rows, origins = load_sources(cfg.sources, cfg.think_ratio, cfg.seed)
+    if isinstance(rows[0].get("messages", rows[0].get("prompt")), list) and not tokenizer.chat_template:
+        raise ValueError(f"{origins[0]} is conversational but the tokenizer of {cfg.model_name_or_path} has no chat "
+                         f"template: set chat_template (chatml, smollm3, qwen3, llama3 or a .jinja path)")
     rows, origins, n_contaminated = decontaminate_rows(
         rows, NGramIndex(evaluation_prompts(cfg.decontaminate_against)), "sft", origins)
     lengths = validate_rows(rows, origins, tokenizer, cfg.max_length, cfg.truncation, cfg.assistant_only_loss)
     n_think = sum(bool((r.get("chat_template_kwargs") or {}).get("enable_thinking")) for r in rows)
     fingerprint = data_fingerprint([json.dumps(r, sort_keys=True) for r in rows])
+    summary = (f"{len(rows)} conversations ({n_think} think, {len(rows) - n_think} no-think), {sum(lengths)} "
+               f"tokens, longest {max(lengths)}")
     # Over-long rows were refused above unless truncation is on; with truncation on TRL truncates
     # (keep_start), and with packing bfd truncates each row to max_length.
-    train_dataset = Dataset.from_list(rows)
+    return Dataset.from_list(rows), fingerprint, summary, n_contaminated
 
-    callbacks = [MetricsCallback(cfg.output_dir), FaultCallback(), MoEStepCallback()]
 
-    rates_before = None
-    if cfg.generation_eval:
-        eval_rows, max_new_tokens = generation_rows(cfg.generation_eval)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_dataset, processing_class=tokenizer,
-                         peft_config=lora_config(cfg), callbacks=callbacks)
-    accelerator = trainer.accelerator
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    accelerator.print(
-        f"sft: {accelerator.num_processes} process(es) (world size {cfg.world_size}, {accelerator.distributed_type}); "
-        f"{len(rows)} conversations ({n_think} think, {len(rows) - n_think} no-think), {sum(lengths)} tokens, "
-        f"longest {max(lengths)}; template {template.name}"
-        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""))
-    if resume_from is not None:
-        accelerator.print(f"resuming from {resume_from}")
-    if cfg.generation_eval and accelerator.is_main_process and resume_from is None:
-        rates_before = generation_check(model, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
+def run(cfg: SFTConfig) -> dict:
+    resume_from = preflight(cfg, "sft")
+    tokenizer, added = chat_templates.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
+                                                     cfg.chat_template)
+    end_of_turn = chat_templates.end_of_turn(tokenizer)
+    dataset, fingerprint, data_summary, n_contaminated = load_data(cfg, tokenizer)
+    model = load_policy(cfg, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer, end_of_turn)  # before the Trainer rewrites them
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora_config(cfg), callbacks=stage_callbacks(cfg))
+    begin(trainer, cfg, f"{launch_summary('sft', trainer, cfg)}; {data_summary}; template "
+                        f"{cfg.chat_template or 'of the checkpoint'}"
+                        + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""),
+          resume_from)
+    check = GenerationEval(cfg.generation_eval, tokenizer, end_of_turn) if cfg.generation_eval else None
+    if check is not None and resume_from is None:
+        with whole_model(trainer) as full:
+            check.before = check.rates(full) if full is not None else None
 
     result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    metrics["data/rows_dropped_contaminated"] = n_contaminated
-
-    final, state_dict = final_model(cfg, trainer, tokenizer)
-    if accelerator.is_main_process:
-        set_stop_tokens(final, tokenizer, template.end_of_turn)
-        if cfg.generation_eval and not trainer.is_fsdp_enabled:
-            rates_after = generation_check(final, tokenizer, template.end_of_turn, eval_rows, max_new_tokens)
-            metrics.update({f"generation/{k}": v for k, v in rates_after.items()})
-            if rates_before is not None:
-                metrics.update({f"generation_before/{k}": v for k, v in rates_before.items()})
-                print(f"held-out generations ({len(eval_rows)} prompts x think/no-think), before -> after SFT: "
-                      f"{format_rates(rates_before, rates_after)}")
-            else:
-                print(f"held-out generations after SFT: {format_rates(rates_after, rates_after)}")
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage="sft", recipe=resolved_recipe(cfg),
-                        parent=cfg.model_name_or_path, data_fingerprint=fingerprint, metrics=metrics,
-                        state_dict=state_dict)
-        print(f"final train loss {metrics.get('train_loss', float('nan')):.4f}; model written to {cfg.output_dir}")
-    accelerator.wait_for_everyone()
-    return metrics
+    metrics = {**train_metrics(result), "data/rows_dropped_contaminated": n_contaminated}
+    return finish(trainer, cfg, tokenizer, stage="sft", reload=lambda: load_policy(cfg, tokenizer),
+                  stop_ids=stop_ids, fingerprint=fingerprint, metrics=metrics,
+                  evaluate=check.after if check is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_recipe(SFTConfig, args=argv)
-    return run(cfg)
+    return stage_main(SFTConfig, run, argv)

@@ -13,7 +13,8 @@ import pytest
 from datatrove.data import Document
 from datatrove.pipeline import filters as datatrove_filters
 
-from core.decontaminate import NGramIndex, decontaminate_rows, evaluation_prompts
+from core.decontaminate import NGramIndex, decontaminate_rows
+from rewards.suites import evaluation_prompts
 from core.sources import QUALITY_FILTERS, SourceSpec, iter_rows
 from pretrain.curate import CurateConfig, curate
 

@@ -48,7 +48,7 @@ def chat_models(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
 
 def recipe(tmp_path: Path, student: Path, teacher: Path, **overrides) -> Path:
     cfg = {"model_name_or_path": str(student), "teacher_model_name_or_path": str(teacher),
-           "prompt_suite": "arithmetic", "max_prompts": 32, "max_completion_length": 8,
+           "suite": "arithmetic", "max_prompts": 32, "max_completion_length": 8,
            "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
            "save_strategy": "steps", "save_steps": 2, "seed": 0, "report_to": "none"}
     return write_recipe(tmp_path, {**cfg, **overrides})
@@ -114,7 +114,7 @@ def test_prompt_rows_without_a_prompt_fail_naming_the_row(tmp_path, chat_models)
     a, b = chat_models
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n" + json.dumps({"question": "What is 3+3?"}) + "\n")
-    r = recipe(tmp_path, a, b, prompt_suite=None, max_prompts=None, sources=[{"path": str(data)}])
+    r = recipe(tmp_path, a, b, suite=None, max_prompts=None, sources=[{"path": str(data)}])
     with pytest.raises(PromptDataError, match=rf"source {data} row 1 has no 'prompt' field"):
         distill_main(["--config", str(r), "--output_dir", str(tmp_path / "run")])
 
@@ -162,7 +162,7 @@ def test_two_processes_have_world_size_two(tmp_path, straight_run):
 
 
 def test_colocated_vllm_student_gets_its_weights_every_step(tmp_path, chat_models, vllm_module):
-    """TRL's colocate sync fails on vLLM's CPU backend; core/vllm/trl_sync.py reloads in place. Three steps
+    """TRL's colocate sync fails on vLLM's CPU backend; core/vllm/trl.py reloads in place. Three steps
     need two syncs of trained weights; the token budget stops the run once enough tokens are trained."""
     a, b = chat_models
     r = recipe(tmp_path, a, b, use_vllm=True, vllm_mode="colocate", max_steps=3, save_strategy="no")

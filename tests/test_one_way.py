@@ -146,7 +146,7 @@ def test_sft_model_init_kwargs_reach_from_pretrained(tmp_path):
 
     from conftest import tiny_model
     from sft.config import SFTConfig
-    from core.trainer_defaults import load_stage_model
+    from core.lifecycle import load_policy
 
     tiny_model().save_pretrained(tmp_path / "base")
     cfg = SFTConfig(output_dir=str(tmp_path / "out"), model_name_or_path=str(tmp_path / "base"),
@@ -156,5 +156,5 @@ def test_sft_model_init_kwargs_reach_from_pretrained(tmp_path):
         def __len__(self):
             return 8
 
-    model = load_stage_model(cfg, Tokenizer())
+    model = load_policy(cfg, Tokenizer())
     assert model.config._attn_implementation == "eager" and next(model.parameters()).dtype == torch.bfloat16

@@ -130,7 +130,7 @@ def test_distillation_student_samples_with_transformers_and_a_served_mla_teacher
     from distill.train import main as distill_main
 
     common = {"model_name_or_path": str(mla_policy), "teacher_model_name_or_path": str(mla_policy),
-              "prompt_suite": "arithmetic", "max_prompts": 4, "max_completion_length": 4, "max_steps": 1,
+              "suite": "arithmetic", "max_prompts": 4, "max_completion_length": 4, "max_steps": 1,
               "per_device_train_batch_size": 2, "lmbda": 1.0, "logging_steps": 1, "save_strategy": "no",
               "seed": 0, "report_to": "none"}
     out = tmp_path / "run"

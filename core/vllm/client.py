@@ -1,4 +1,4 @@
-"""TRL's vLLM client with a timeout on every request: served-mode GRPO (rl/vllm_backend.py) and a served
+"""TRL's vLLM client with a timeout on every request: served-mode GRPO (core/vllm/trl.py) and a served
 distillation teacher (distill/train.py) talk to `python -m rl.serve` through it.
 
 TRL's `VLLMClient` posts without a timeout, so a stalled server hangs the run, and retries a refused

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope
+from .layers import attend
 
 # The two latent RMSNorms use DeepSeek's eps, not `rms_norm_eps`: DeepSeek-V3's reference code and
 # transformers' DeepseekV3Attention build them with their default 1e-6 whatever the config says, and the
@@ -91,9 +92,7 @@ class SmolForgeMLAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, dn+dr)
 
         # The core's attention serves MLA as is: num_key_value_groups = 1 repeats nothing, and the eager path
-        # never assumes the value width equals the query/key width. Imported here: core.modeling imports this module.
-        from .modeling import attend
-
+        # never assumes the value width equals the query/key width.
         out, weights = attend(self, q, k, v, attention_mask, **kwargs)
         out = self.o_proj(out.reshape(batch_size, seq_len, -1).contiguous())  # (B, T, d)
         return out, weights

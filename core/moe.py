@@ -40,6 +40,7 @@ from transformers import TrainerCallback
 
 from .config import SmolForgeConfig
 from .kernels import swiglu
+from .layers import SmolForgeMLP  # the dense MLP is the shared expert
 
 
 class SmolForgeRouter(nn.Module):
@@ -120,8 +121,6 @@ class SmolForgeMoE(nn.Module):
 
     def __init__(self, config: SmolForgeConfig, use_liger: bool):
         super().__init__()
-        from .modeling import SmolForgeMLP  # the dense MLP is the shared expert; modeling imports this file
-
         self.config = config
         self.gate = SmolForgeRouter(config)
         self.experts = SmolForgeExperts(config, use_liger)

@@ -20,8 +20,9 @@ inference form, which folds `kv_b_proj` into the query and output projections to
 is not done here: it changes no result, only decode cost.
 
 Parameter names are transformers' DeepseekV3 names (`q_proj` or `q_a_proj`/`q_a_layernorm`/`q_b_proj`,
-`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`), so `core.export` maps a dense MLA core
-onto DeepseekV3ForCausalLM with one permutation of the rope rows (`interleave_rope_rows`).
+`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`), so `core.export` maps an MLA core (dense, or
+with sigmoid-routed MoE layers) onto DeepseekV3ForCausalLM and back with one permutation of the rope rows
+(`interleave_rope_rows`).
 """
 
 import torch

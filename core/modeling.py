@@ -15,9 +15,12 @@ a packed row into a block-diagonal mask, so packed documents never attend to eac
 attention takes no mask: it separates documents by sequence lengths, which transformers derives from
 `position_ids` only for a single row, so a packed (B, T) batch runs as one (1, B*T) row with the
 document lengths passed explicitly (`packed_sequence_lengths`).
+
+Imports run one way: the blocks (`core/mla.py`, `core/moe.py`, `core/ssm.py`) and this file take what they
+share (`attend`, `SmolForgeMLP`, `packed_sequence_lengths`) from `core/layers.py`, and only this file
+assembles them.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +31,14 @@ from transformers.masking_utils import create_causal_mask, create_recurrent_atte
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import is_flash_attention_requested, maybe_autocast
 
 from .config import SmolForgeConfig
-from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger, swiglu
+from .kernels import RMSNorm, apply_rope, causal_lm_loss, resolve_use_liger
+from .layers import SmolForgeMLP, attend, packed_sequence_lengths
 from .mla import SmolForgeMLAttention
-from .ssm import SmolForgeGatedDeltaNet
 from .moe import SmolForgeExperts, SmolForgeMoE, SmolForgeRouter, router_losses, share_experts_between_layers
+from .ssm import SmolForgeGatedDeltaNet
 
 
 def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
@@ -60,22 +63,6 @@ def rope_frequencies(config: SmolForgeConfig) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
-def packed_sequence_lengths(position_ids: torch.Tensor) -> dict:
-    """Flash attention's varlen arguments for a (B, T) batch read as one row of B*T tokens.
-
-    A document starts at every row start and wherever the position does not continue the previous
-    one by 1 (the rule of transformers' `find_packed_sequence_indices`, which builds the eager/sdpa/flex
-    mask), so flash separates exactly the documents that the other implementations' masks separate,
-    and no document runs on from the end of one row into the next.
-    """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    start_indices = starts.reshape(-1).nonzero().view(-1)  # (N,) offsets into the B*T row
-    cu_seq_lens = torch.cat([start_indices, start_indices.new_tensor([position_ids.numel()])]).to(torch.int32)
-    max_length = int(cu_seq_lens.diff().max())
-    return dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max_length, max_length_k=max_length)
-
-
 class SmolForgeRotaryEmbedding(nn.Module):
     def __init__(self, config: SmolForgeConfig):
         super().__init__()
@@ -91,40 +78,6 @@ class SmolForgeRotaryEmbedding(nn.Module):
             cos = emb.cos() * self.attention_scaling
             sin = emb.sin() * self.attention_scaling
         return cos.to(x.dtype), sin.to(x.dtype)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, nkv, T, hd) -> (B, nkv * n_rep, T, hd): each KV head serves n_rep query heads (GQA)."""
-    if n_rep == 1:
-        return x
-    b, nkv, t, hd = x.shape
-    return x[:, :, None].expand(b, nkv, n_rep, t, hd).reshape(b, nkv * n_rep, t, hd)
-
-
-def eager_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, S)
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
-    return out, probs
-
-
-def attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention through transformers' interface (eager, sdpa, flash, flex: `config._attn_implementation`),
-    with the core's eager function as the default; shared by GQA and MLA (core/mla.py). `kwargs` carries
-    cu_seq_lens etc. for padding-free flash attention."""
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
-    return attention_interface(module, query, key, value, attention_mask,
-                               dropout=module.config.attention_dropout if module.training else 0.0,
-                               scaling=module.scaling, **kwargs)
 
 
 class SmolForgeAttention(nn.Module):
@@ -164,19 +117,6 @@ class SmolForgeAttention(nn.Module):
         out, weights = attend(self, q, k, v, attention_mask, **kwargs)
         out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
         return out, weights
-
-
-class SmolForgeMLP(nn.Module):
-    def __init__(self, config: SmolForgeConfig, use_liger: bool, intermediate_size: int | None = None):
-        super().__init__()
-        width = intermediate_size or config.intermediate_size  # another width: MoE's shared expert
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.use_liger = use_liger
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.use_liger))
 
 
 class SmolForgeDecoderLayer(GradientCheckpointingLayer):

@@ -5,7 +5,8 @@ A top-k token-choice router (softmax or sigmoid scores) sends each token to `num
 expert with a sigmoid gate (Qwen2-MoE). Parameter names and layouts are transformers' Qwen2-MoE /
 Qwen3-MoE ones (`mlp.gate.weight` (E, d), `mlp.experts.gate_up_proj` (E, 2I, d),
 `mlp.experts.down_proj` (E, d, I), `mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`), so a
-checkpoint exports to them by a config translation (`core.export`).
+checkpoint converts to and from them by a config translation (`core.export`); DeepseekV3's router and
+routed experts (`mlp.gate.e_score_correction_bias` included) have the same names and layout too.
 
     >>> from core import SmolForgeConfig, SmolForgeForCausalLM
     >>> model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny-moe", vocab_size=512))
@@ -40,6 +41,7 @@ from transformers import TrainerCallback
 
 from .config import SmolForgeConfig
 from .kernels import swiglu
+from .layers import SmolForgeMLP  # the dense MLP is the shared expert
 
 
 class SmolForgeRouter(nn.Module):
@@ -120,8 +122,6 @@ class SmolForgeMoE(nn.Module):
 
     def __init__(self, config: SmolForgeConfig, use_liger: bool):
         super().__init__()
-        from .modeling import SmolForgeMLP  # the dense MLP is the shared expert; modeling imports this file
-
         self.config = config
         self.gate = SmolForgeRouter(config)
         self.experts = SmolForgeExperts(config, use_liger)

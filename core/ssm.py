@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache
 
 from .config import SmolForgeConfig
 from .kernels import RMSNorm
+from .layers import packed_sequence_lengths  # the one rule for document starts
 
 CHUNK_SIZE = 64  # fla's and Qwen3-Next's chunk: the triangular solve is (64, 64) per head and chunk
 
@@ -306,8 +307,6 @@ class SmolForgeGatedDeltaNet(nn.Module):
         if cu_seq_lens is None:
             if position_ids is None:
                 return None
-            from .modeling import packed_sequence_lengths  # the one rule for document starts (lazy: modeling imports us)
-
             cu_seq_lens = packed_sequence_lengths(position_ids.expand(bsz, -1))["cu_seq_lens_q"]
         if cu_seq_lens.numel() - 1 == bsz:  # as many documents as rows, and every row starts one
             return None

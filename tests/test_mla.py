@@ -97,6 +97,11 @@ def test_interleave_rope_rows_round_trip():
     (dict(rope_low_freq_removed=0.25), "rope_low_freq_removed"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
                            "original_max_position_embeddings": 32, "mscale_all_dim": 1.0}), "mscale_all_dim"),
+    (dict(num_experts=4, moe_intermediate_size=16), "moe_router_scores='softmax'"),
+    (dict(num_experts=4, moe_intermediate_size=16, moe_router_scores="sigmoid", shared_expert_intermediate_size=16),
+     "shared_expert_intermediate_size=16"),
+    (dict(num_experts=4, moe_intermediate_size=16, moe_router_scores="sigmoid", moe_expert_share_group=2,
+          num_hidden_layers=3), "moe_expert_share_group=2"),
 ])
 def test_export_refuses_mla_knobs_deepseek_v3_lacks(knobs, match):
     config = SmolForgeConfig(**{**SHAPE, **MLA, "rope_parameters": dict(ROPE), **knobs})
@@ -104,12 +109,73 @@ def test_export_refuses_mla_knobs_deepseek_v3_lacks(knobs, match):
         native_target(config)
 
 
-def test_moe_deepseek_v3_is_not_imported():
-    config = DeepseekV3Config(**SHAPE, **MLA, q_lora_rank=None, first_k_dense_replace=1, n_routed_experts=4,
-                              num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=32,
-                              num_mtp_layers=0)
-    with pytest.raises(ExportError, match="first_k_dense_replace=1"):
-        from_native(DeepseekV3ForCausalLM(config))
+# DeepseekV3 with MoE layers from layer 1 on, in the form the core expresses: no shared experts, and expert groups
+# that do not limit the choice (2 groups, both taken). routed_scaling_factor stays at DeepseekV3's 2.5.
+DEEPSEEK_MOE = dict(first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    n_group=2, topk_group=2, n_shared_experts=0, norm_topk_prob=True, num_mtp_layers=0)
+
+
+def deepseek_v3_moe(**overrides) -> DeepseekV3ForCausalLM:
+    """A DeepseekV3 with MLA and MoE layers, random and perturbed, with a routing bias large enough to change
+    which experts are chosen (transformers' init leaves it at zero)."""
+    config = DeepseekV3Config(**SHAPE, **MLA, q_lora_rank=20, rope_parameters=dict(ROPE), **{**DEEPSEEK_MOE, **overrides})
+    torch.manual_seed(0)
+    native = perturb_(DeepseekV3ForCausalLM(config)).eval()
+    with torch.no_grad():
+        for layer in native.model.layers[config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(0.5 * torch.randn(8))
+    return native
+
+
+def test_core_reproduces_deepseek_v3_with_moe_layers():
+    native = deepseek_v3_moe()
+    core_model = from_native(native)
+    config = core_model.config
+    assert (config.kv_lora_rank, config.num_experts, config.num_experts_per_tok, config.first_k_dense_layers) == (24, 8, 2, 1)
+    assert config.moe_router_scores == "sigmoid" and config.norm_topk_prob and config.moe_bias_update_rate > 0
+    x = torch.randint(0, VOCAB, (2, 48))
+    native_logits = native(x).logits
+    diff = (core_model(x).logits - native_logits).abs().max().item()
+    print(f"\nDeepseekV3 (MLA + MoE) -> core: max abs logit diff {diff:.2e}")
+    assert diff < 1e-5, f"max abs logit difference {diff}"
+    # Controls: without the routing bias, or without the routed scaling folded in, the logits are others.
+    unbiased = from_native(native)
+    unbiased.model.layers[1].mlp.gate.e_score_correction_bias.zero_()
+    assert (unbiased(x).logits - native_logits).abs().max().item() > 1e-3
+    unscaled = from_native(native)
+    with torch.no_grad():
+        unscaled.model.layers[1].mlp.experts.down_proj.div_(native.config.routed_scaling_factor)
+    assert (unscaled(x).logits - native_logits).abs().max().item() > 1e-3
+    # And back: DeepseekV3 again (one expert group, scaling 1, the same bias), with the same logits.
+    back = to_native(core_model)
+    assert type(back) is DeepseekV3ForCausalLM
+    assert (back.config.n_group, back.config.routed_scaling_factor, back.config.first_k_dense_replace) == (1, 1.0, 1)
+    assert torch.equal(back.model.layers[1].mlp.gate.e_score_correction_bias,
+                       native.model.layers[1].mlp.gate.e_score_correction_bias)
+    assert (back(x).logits - native_logits).abs().max().item() < 1e-5
+
+
+def test_core_with_moe_exports_to_deepseek_v3(tmp_path):
+    """A core MLA + sigmoid MoE without routing bias (moe_bias_update_rate=0) is DeepseekV3 with a zero bias."""
+    core_model = mla_model(q_lora_rank=20, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                           first_k_dense_layers=1, moe_router_scores="sigmoid")
+    assert native_target(core_model.config) == "deepseek_v3"
+    core_model.save_pretrained(tmp_path / "core")
+    out = export_checkpoint(tmp_path / "core", tmp_path / "exported")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(loaded) is DeepseekV3ForCausalLM and loaded.config.n_routed_experts == 8
+    assert loaded.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() == 0
+    x = torch.randint(0, VOCAB, (2, 48))
+    assert (loaded(x).logits - core_model(x).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(n_shared_experts=1), "n_shared_experts=1"),
+    (dict(n_group=4, topk_group=2), "n_group=4, topk_group=2"),
+])
+def test_from_native_names_the_deepseek_v3_moe_field_the_core_lacks(overrides, match):
+    with pytest.raises(ExportError, match=match):
+        from_native(deepseek_v3_moe(**overrides))
 
 
 @pytest.mark.parametrize("knobs, match", [

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausal
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from core import SmolForgeConfig, SmolForgeForCausalLM
-from core.export import ExportError, export_checkpoint, native_target, to_native
+from core.export import ExportError, export_checkpoint, from_native, native_target, to_native
 from core.moe import MoEStepCallback, SmolForgeExperts, end_moe_step, expert_load, moe_layers, set_load_reduction
 from conftest import VOCAB, perturb_
 from pretrain.monitor import Monitor, resolve_policies
@@ -31,22 +31,62 @@ def moe_model(seed: int = 0, **overrides) -> SmolForgeForCausalLM:
     return perturb_(SmolForgeForCausalLM(moe_config(**overrides)), seed=seed).eval()
 
 
-@pytest.mark.parametrize("reference", ["qwen3_moe", "qwen2_moe"])
-def test_logits_match_transformers_qwen_moe(reference):
-    """Weights of a transformers model built on its own (random init, perturbed) copied into the core."""
+def qwen_moe(reference: str, **overrides) -> Qwen3MoeForCausalLM | Qwen2MoeForCausalLM:
+    """A transformers Qwen3-MoE / Qwen2-MoE built on its own (random init, perturbed), first layer dense."""
     torch.manual_seed(0)
     qwen = dict(**SHAPE, **MOE, mlp_only_layers=[0], decoder_sparse_step=1)
     if reference == "qwen3_moe":
-        native = Qwen3MoeForCausalLM(Qwen3MoeConfig(**qwen, attention_bias=False))
-        core_model = SmolForgeForCausalLM(moe_config(qk_norm=True))
+        native = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**qwen, "attention_bias": False, **overrides}))
     else:
-        native = Qwen2MoeForCausalLM(Qwen2MoeConfig(**qwen, qkv_bias=False, shared_expert_intermediate_size=96))
-        core_model = SmolForgeForCausalLM(moe_config(shared_expert_intermediate_size=96))
-    native = perturb_(native).eval()
-    core_model.load_state_dict(native.state_dict(), strict=True)
+        native = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**qwen, "qkv_bias": False, "shared_expert_intermediate_size": 96,
+                                                       **overrides}))
+    return perturb_(native).eval()
+
+
+@pytest.mark.parametrize("reference, overrides, first_k_dense_layers", [
+    ("qwen3_moe", {}, 1), ("qwen2_moe", {}, 1),
+    ("qwen3_moe", dict(mlp_only_layers=[]), 0),  # every layer sparse
+    ("qwen3_moe", dict(mlp_only_layers=[], decoder_sparse_step=2), 1),  # layer 1 of 2: "from layer 1 on"
+])
+def test_from_native_reproduces_transformers_qwen_moe(reference, overrides, first_k_dense_layers):
+    """`core.export.from_native` converts the transformers model, and `to_native` gives it back weight for weight."""
+    native = qwen_moe(reference, **overrides)
+    core_model = from_native(native)
+    config = core_model.config
+    assert (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (8, 2, 48)
+    assert config.first_k_dense_layers == first_k_dense_layers and config.norm_topk_prob
+    assert config.qk_norm == (reference == "qwen3_moe")
+    assert config.shared_expert_intermediate_size == (96 if reference == "qwen2_moe" else 0)
     x = torch.randint(0, VOCAB, (2, 48))
-    diff = (core_model.eval()(x).logits - native(x).logits).abs().max().item()
+    native_logits = native(x).logits
+    diff = (core_model(x).logits - native_logits).abs().max().item()
     assert diff < 1e-5, f"{reference}: max abs logit difference {diff}"
+    back = to_native(core_model)
+    assert type(back) is type(native) and back.config.mlp_only_layers == list(range(first_k_dense_layers))
+    assert back.state_dict().keys() == native.state_dict().keys()
+    assert all(torch.equal(t, native.state_dict()[name]) for name, t in back.state_dict().items())
+    assert (back(x).logits - native_logits).abs().max().item() < 1e-5
+
+
+def test_from_native_qwen_moe_without_sparse_layers_is_the_dense_core():
+    native = qwen_moe("qwen3_moe", mlp_only_layers=[0, 1])
+    core_model = from_native(native)
+    assert core_model.config.num_experts == 0 and core_model.config.qk_norm
+    x = torch.randint(0, VOCAB, (2, 24))
+    assert (core_model(x).logits - native(x).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("reference, overrides, named", [
+    ("qwen3_moe", dict(num_hidden_layers=4, mlp_only_layers=[], decoder_sparse_step=2), "decoder_sparse_step=2"),
+    ("qwen3_moe", dict(num_hidden_layers=3, mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+    ("qwen3_moe", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen3_moe", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ("qwen2_moe", dict(qkv_bias=True), "qkv_bias=True"),  # Qwen2-MoE's default
+    ("qwen2_moe", dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),
+])
+def test_from_native_names_the_qwen_moe_field_the_core_lacks(reference, overrides, named):
+    with pytest.raises(ExportError, match=named):
+        from_native(qwen_moe(reference, **overrides))
 
 
 @pytest.mark.parametrize("knobs, target", [(dict(qk_norm=True), "qwen3_moe"),

@@ -159,12 +159,21 @@ def whole_model(trainer):
 
 
 @contextlib.contextmanager
-def unpartitioned_loading(trainer):
-    """Load a model whole on one process while DeepSpeed ZeRO-3 is on: its zero3_init_flag would partition it
-    at load (accelerate's own switch for this, DeepSpeedPlugin.zero3_init_context_manager)."""
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    with plugin.zero3_init_context_manager(enable=False) if plugin is not None else contextlib.nullcontext():
+def unpartitioned_loading():
+    """Load a model whole on one process while DeepSpeed ZeRO-3 is on. transformers partitions every model it
+    builds (deepspeed.zero.Init, collective) while its DeepSpeed config is registered, and the Trainer's arguments
+    keep one registered (accelerate's `zero3_init_context_manager` clears only its own): unregistered for the load
+    with transformers' own switch, then put back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
         yield
+    finally:
+        if registered is not None:
+            hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
 def final_model(trainer, cfg, reload):
@@ -183,7 +192,7 @@ def final_model(trainer, cfg, reload):
     state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # every process
     if not accelerator.is_main_process:
         return None
-    with unpartitioned_loading(trainer):
+    with unpartitioned_loading():
         model = reload()
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()})
     return model

@@ -1,0 +1,159 @@
+"""Issue 29: every TRL stage goes through one lifecycle (core/lifecycle.py), under every distributed mode its
+recipes offer.
+
+- Each stage (sft, dpo, kto, orpo, grpo, reward model, distill) trains 2 steps on 2 CPU processes under
+  recipes/accelerate_configs/zero3.yaml and fsdp2.yaml with its in-stage evaluation on (SFT's generation check,
+  GRPO's held-out pass@1, the reward model's held-out accuracy, distillation's teacher samples), and writes a
+  checkpoint that loads and differs from its start. Before issue 29, ZeRO-3 crashed the preference stage (a
+  deep copy of a partitioned model as reference), the reward model's and GRPO's evaluation (a forward on one
+  rank of a partitioned model) and distillation's teacher samples.
+- LoRA: one policy, the same in every stage: under FSDP2 and ZeRO-3 it is refused before any model loads, with
+  one message shape; under DDP it trains and the saved weights are merged.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import chat_templates
+from core import SmolForgeConfig, SmolForgeForCausalLM
+
+from conftest import REPO, ok, perturb_, write_recipe
+
+STAGES = {  # name: (module, the stage's recipe for a 2-step run from the chat base)
+    "sft": ("sft", {"sources": [{"path": "builtin:arithmetic_chat", "max_rows": 8}], "max_length": 512,
+                    "generation_eval": {"path": "builtin:arithmetic_chat", "split": "test", "max_rows": 2,
+                                        "max_new_tokens": 4}}),
+    "dpo": ("preference", {"method": "dpo", "sources": [{"path": "builtin:arithmetic_pairs", "max_rows": 8}],
+                           "max_length": 512}),
+    "kto": ("preference", {"method": "kto", "sources": [{"path": "builtin:arithmetic_pairs", "max_rows": 8}],
+                           "max_length": 512}),
+    "orpo": ("preference", {"method": "orpo", "sources": [{"path": "builtin:arithmetic_pairs", "max_rows": 8}],
+                            "max_length": 512}),
+    "grpo": ("rl", {"suite": "arithmetic", "num_generations": 2, "max_completion_length": 4,
+                    "held_out_eval": True, "use_vllm": False}),
+    "reward_model": ("rl.reward_model", {
+        "sources": [{"path": "builtin:arithmetic_preferences", "max_rows": 8}],
+        "eval_sources": [{"path": "builtin:arithmetic_preferences", "split": "test", "max_rows": 4}],
+        "max_length": 512}),
+    # lmbda 0: every step's completions are the teacher's samples, the in-stage generation that ZeRO-3 broke.
+    "distill": ("distill", {"suite": "arithmetic", "max_prompts": 8, "max_completion_length": 4, "lmbda": 0.0,
+                            "teacher_model_name_or_path": None}),
+}
+# What each stage prints of its in-stage evaluation (the main process, after training).
+EVALUATION_LINE = {"sft": "held-out generations", "grpo": "held-out pass@1", "reward_model": "held-out pairs",
+                   "distill": "teacher-sampled completion tokens"}
+
+
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory, tokenizer_dir) -> Path:
+    """A random tiny core model with the SmolLM3 template, a pad token and its end of turn as stop token: an SFT
+    output, for the mechanics."""
+    path = tmp_path_factory.mktemp("lifecycle-base")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    torch.manual_seed(0)
+    model = perturb_(SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))), std=0.05)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def stage_recipe(tmp_path: Path, base: Path, stage: str, **overrides) -> tuple[str, Path]:
+    module, fields = STAGES[stage]
+    cfg = {"model_name_or_path": str(base), "max_steps": 2, "per_device_train_batch_size": 2,
+           "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no", "seed": 0, "report_to": "none",
+           **fields, **overrides}
+    if "teacher_model_name_or_path" in cfg:
+        cfg["teacher_model_name_or_path"] = str(base)
+    return module, write_recipe(tmp_path, cfg)
+
+
+def launch(module: str, recipe: Path, out: Path, config: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file recipes/accelerate_configs/<config>.yaml --num_processes 2 -m <module>`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / f"recipes/accelerate_configs/{config}.yaml"), "--num_processes", "2", "-m", module,
+           "--config", str(recipe), "--output_dir", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SMOLFORGE_FAULT": ""})
+
+
+def changed_weights(out: Path, base: Path) -> list[str]:
+    """The saved tensors that differ from the start (same name in both); the saved file must load."""
+    trained, start = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+    return [name for name, tensor in trained.items()
+            if name in start and tensor.shape == start[name].shape and not torch.equal(tensor, start[name])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_trains_and_evaluates_on_two_processes(tmp_path, chat_base, stage, config):
+    module, recipe = stage_recipe(tmp_path, chat_base, stage)
+    out = tmp_path / "run"
+    result = ok(launch(module, recipe, out, config))
+    kind = "DEEPSPEED" if config == "zero3" else "FSDP"
+    assert re.search(rf"2 process\(es\) \(world size 2, DistributedType\.{kind}\)", result.stdout), result.stdout[-2000:]
+    if stage in EVALUATION_LINE:
+        assert EVALUATION_LINE[stage] in result.stdout, result.stdout[-2000:]
+    manifest = json.loads((out / "stage.json").read_text())
+    assert manifest["metrics"]["train_loss"] == manifest["metrics"]["train_loss"]  # a number, not NaN
+    assert changed_weights(out, chat_base), "the saved model equals its start"
+    if stage == "grpo":
+        assert "held_out/pass@1_before" in manifest["metrics"] and "held_out/pass@1_after" in manifest["metrics"]
+    if stage == "reward_model":
+        assert "heldout/accuracy" in manifest["metrics"] and "heldout_before/accuracy" in manifest["metrics"]
+    if stage == "sft":
+        assert "generation/end_of_turn_rate" in manifest["metrics"]
+    if stage == "distill":
+        assert manifest["metrics"]["distill/teacher_tokens"] > 0
+
+
+# --- LoRA: one policy -----------------------------------------------------------------------------
+
+LAUNCH_ENV = {  # what `accelerate launch --config_file recipes/accelerate_configs/<config>.yaml` sets
+    "fsdp": {"ACCELERATE_USE_FSDP": "true"},
+    "zero3": {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+}
+
+
+def stage_main(stage: str):
+    module = STAGES[stage][0]
+    return __import__(f"{module}.train" if module != "rl.reward_model" else module, fromlist=["main"]).main
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_lora_under_sharding_is_refused_before_anything_loads(tmp_path, monkeypatch, stage, mode):
+    for name, value in LAUNCH_ENV[mode].items():
+        monkeypatch.setenv(name, value)
+    # A checkpoint that does not exist: a model or tokenizer load would fail with another error.
+    module, recipe = stage_recipe(tmp_path, tmp_path / "no-such-checkpoint", stage, use_peft=True)
+    component = "preference" if module == "preference" else stage if stage != "grpo" else "rl"
+    with pytest.raises(ValueError, match=rf"^{component}: use_peft \(LoRA\) is not supported under {mode}: .*Launch "
+                                         rf"with recipes/accelerate_configs/ddp\.yaml or zero2\.yaml, or set "
+                                         rf"use_peft: false$"):
+        stage_main(stage)(["--config", str(recipe), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "reward_model", "distill"])
+def test_lora_trains_under_ddp_and_saves_merged_weights(tmp_path, chat_base, stage):
+    module, recipe = stage_recipe(tmp_path, chat_base, stage, use_peft=True, lora_r=4, lora_alpha=8)
+    out = tmp_path / "run"
+    ok(launch(module, recipe, out, "ddp"))
+    saved = load_file(out / "model.safetensors")
+    assert not any("lora" in name for name in saved), [n for n in saved if "lora" in n][:3]
+    assert changed_weights(out, chat_base), "merged LoRA left the weights as they were"

@@ -94,6 +94,12 @@ class ChatTemplate:
     response_format: str | None = None  # which TRL response parser reads its replies (`response_template`)
 
     @property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The tokens that frame turns (role markers, end of turn, BOS): generation stops at any of them, and
+        content holding one is refused. Not the reasoning tags, which a reply writes itself (issue 30)."""
+        return tuple(token for token in self.special_tokens if token not in self.reasoning_tokens)
+
+    @property
     def has_generation_markers(self) -> bool:
         return bool(GENERATION_TAG.search(self.training))
 

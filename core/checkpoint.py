@@ -9,7 +9,8 @@ plus `stage.json`, which records how it was made:
      "metrics": {"train_loss": 1.23}, "created_at": "2026-11-25T09:42:00+00:00"}
 
 `stage.json` is the completeness marker: it is written last, so a directory without it (a run
-killed mid-save) is never taken for a finished checkpoint (`is_complete_checkpoint`).
+killed mid-save) is never taken for a finished checkpoint (`is_complete_checkpoint`). A stage whose
+output is data, not a model, writes the same manifest with `save_data_stage`.
 
 Call `save_checkpoint` on the main process only; this module has no distributed logic.
 """
@@ -130,6 +131,60 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def save_data_stage(
+    output_dir: str | os.PathLike,
+    files: dict[str, str],
+    *,
+    stage: str,
+    recipe: dict,
+    parent: str | os.PathLike | list | None,
+    data_fingerprint: str | None = None,
+    metrics: dict | None = None,
+) -> list[str]:
+    """The output of a stage that writes data, not a model (preference.build_pairs' pairs): `files` (name ->
+    text) and `stage.json`, written as `save_checkpoint` writes a model, so the pipeline skips and resumes
+    past it; returns the names of an incomplete earlier run's files that were replaced.
+
+    Everything is written to a hidden temporary directory next to `output_dir` and moved into place when
+    complete, stage.json last. A complete `output_dir` (its stage.json, or a model) is never written over:
+    FileExistsError. One without stage.json is what a run killed before its end left behind (issue 30: a
+    pairs.jsonl the next stage refused, without stage.json, made every rerun fail on "pairs.jsonl exists"):
+    its files of the same names are replaced, each by one rename, so a reader sees the old file or the new.
+    """
+    target = Path(output_dir).absolute()
+    _refuse_existing_checkpoint(target)
+    if MANIFEST_NAME in files:
+        raise ValueError(f"files holds {MANIFEST_NAME}; save_data_stage writes it from stage, recipe, parent, ...")
+    manifest_text = manifest_json(stage=stage, recipe=recipe, parent=parent, data_fingerprint=data_fingerprint,
+                                  metrics=metrics)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        (tmp / MANIFEST_NAME).write_text(manifest_text)
+        for path in tmp.iterdir():
+            _fsync(path)
+        _fsync(tmp)
+        replaced = []
+        if target.exists():
+            _refuse_existing_checkpoint(target)  # completed by someone else while this one was writing
+            replaced = [name for name in files if (target / name).exists()]
+            for name in [*files, MANIFEST_NAME]:
+                os.replace(tmp / name, target / name)
+            _fsync(target)
+        else:
+            try:
+                os.rename(tmp, target)
+            except OSError as error:  # created by someone else since the check above
+                raise FileExistsError(f"{target} appeared while saving; refusing to overwrite it") from error
+        _fsync(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return replaced
 
 
 CHECKPOINT_PREFIX = "checkpoint-"

@@ -31,17 +31,26 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # vLLM only: the transformers backend uses the model as given
+    # Ids that end a completion besides the caller's EOS ids: a chat template's control tokens. A reply
+    # sampled past <|im_start|> ("42<|im_start|>6") is a reply no chat template renders (issue 30);
+    # preference.build_pairs stops at every control token of the template (`ChatTemplate.control_tokens`).
+    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated completion: its token ids without the EOS, and whether it ran out of tokens."""
+    """One generated completion: its token ids without the stop token, and whether it ran out of tokens."""
 
     token_ids: list[int]
     truncated: bool
-    # The EOS id that ended it (None when truncated): a trainer that learns from the completion
+    # The EOS or stop id that ended it (None when truncated): a trainer that learns from the completion
     # trains on its stop token too (distillation on a teacher's samples).
     eos_token_id: int | None = None
+
+
+def stop_ids(eos_ids: list[int], settings: GenerationSettings) -> list[int]:
+    """The caller's EOS ids, then the settings' extra stop ids: every id that ends a completion."""
+    return [*eos_ids, *(i for i in settings.stop_token_ids if i not in eos_ids)]
 
 
 def to_sample(token_ids: list[int], eos_ids: list[int], max_new_tokens: int) -> Sample:
@@ -61,6 +70,7 @@ def accelerator_device() -> torch.device:
 def generate_transformers(model, prompts: list[list[int]], eos_ids: list[int], settings: GenerationSettings,
                           batch_size: int = 32) -> list[list[Sample]]:
     """`settings.num_samples` completions per prompt with `model.generate`, batching equal-length prompts."""
+    eos_ids = stop_ids(eos_ids, settings)
     was_training = model.training
     model.eval()
     device = accelerator_device()
@@ -92,6 +102,7 @@ def generate_transformers(model, prompts: list[list[int]], eos_ids: list[int], s
 def generate_vllm(model_path: str, prompts: list[list[int]], eos_ids: list[int], settings: GenerationSettings,
                   kv_cache_memory_bytes: int) -> list[list[Sample]]:
     """`settings.num_samples` completions per prompt from an in-process (colocated) vLLM engine on `model_path`."""
+    eos_ids = stop_ids(eos_ids, settings)
     # In-process, as the RL and distillation stages colocate it: no engine processes to spawn, so
     # this works without an `if __name__ == "__main__"` guard in the caller.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -17,14 +17,32 @@ k samples, rejected the worst of the policy's (SmolLM3 paired Qwen3-32B against 
 suite still judges: a prompt where the strong model's best does not score above the policy's worst
 gives no pair, rather than teaching a preference the reward contradicts.
 
-Output, in `output_dir` (a file there is never overwritten):
+Output, in `output_dir`:
   - `pairs.jsonl` (`output_format: pairs`): TRL preference rows, conversational when the policy's
     tokenizer has a chat template: {"prompt": [user msg], "chosen": [assistant msg], "rejected":
     [assistant msg], "score_chosen": ..., "score_rejected": ...}; strings otherwise;
   - `kto.jsonl` (`output_format: kto`): the same pairs as KTO rows, chosen with label true and
-    rejected with label false;
-  - `summary.json`: counts (prompts, pairs, prompts without a pair and why) and the settings.
+    rejected with label false, in the order of `preference.data.unpair` (TRL's KL baseline pairs each
+    row's prompt with the previous row's reply: a pair's rows are never neighbours), each row with its
+    pair's two scores;
+  - `summary.json`: counts (prompts, pairs, prompts without a pair and why, samples dropped for a
+    control token) and the settings;
+  - `stage.json`, last (core.checkpoint.save_data_stage): the manifest every stage writes, so the
+    pipeline skips a complete `pairs` stage and reruns an incomplete one.
 Both jsonl files are `core.sources` sources: `{path: out/tiny/pairs/pairs.jsonl}` in a recipe.
+
+What is written is what the preference stage accepts (issue 30: a sampled "42<|im_start|>6" made the
+APO stage refuse the file, on the machines whose sampling produced it):
+  - sampling stops at every control token of the chat template (role markers, end of turn; not the
+    reasoning tags) and at the tokenizer's special tokens, not only at EOS;
+  - a sample whose text still holds one (spelled out in ordinary tokens) takes no part in the ranking,
+    and is counted (`samples_with_control_token`);
+  - the rows go through the preference stage's own check (`preference.data.validate_rows`, with the
+    tokenizer and `chat_template` the preference stage trains with) before anything is written.
+
+A complete `output_dir` (with stage.json) is never written over. One without stage.json is a run that
+did not finish (killed, or an earlier version that wrote no stage.json): its files are replaced by this
+run's, each by an atomic rename, so "a stage failed, fix it, run the pipeline again" finishes.
 
 The completion text written is the sampled tokens decoded with their special tokens kept (the
 chat template re-renders them when training), scored as evaluation scores them (special tokens
@@ -34,17 +52,22 @@ skipped). Completions are sampled in the template's default mode (SmolLM3: /thin
 from __future__ import annotations
 
 import json
-import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import chat_templates
+from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_data_stage
 from core.generation import GenerationSettings
 from core.recipe import help_field as _help, parse_recipe, resolved_recipe
+from core.trainer_defaults import load_stage_tokenizer
 from rewards.evaluate import resolve_backend, sample_checkpoint, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
 from rewards.verifier_pool import configure_default_pool
+
+from .data import unpair, validate_rows
 
 
 @dataclass
@@ -63,6 +86,9 @@ class BuildPairsConfig:
         "The rewards that rank completions: some of the suite's rewards (e.g. [accuracy, answer_consistency]), "
         "summed with the suite's weights; null for the suite's whole weighted total, as evaluation ranks them.",
         default=None)
+    chat_template: str | None = _help(
+        "The chat template the preference stage trains with (its `chat_template`): the rows are checked against "
+        "it before they are written. Null: the policy checkpoint's own, as in the preference stage.", default=None)
     output_format: Literal["pairs", "kto"] = _help(
         "pairs: prompt/chosen/rejected rows (dpo, orpo); kto: prompt/completion/label rows.", default="pairs")
     num_samples: int = _help("Completions sampled per prompt and per model (k).", default=8)
@@ -101,12 +127,31 @@ class Scored:
     scores: list[float | None]
 
 
-def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -> tuple[list[Scored], bool]:
-    """k completions per row from `model_path`, scored; and whether its tokenizer renders chats."""
+def control_tokens(*tokenizers) -> list[str]:
+    """What no reply may hold: the control tokens of each tokenizer's chat template (role markers, end of turn,
+    BOS; not the reasoning tags, which a reply writes) and each tokenizer's special tokens (EOS, pad, ...)."""
+    tokens = []
+    for tokenizer in tokenizers:
+        if tokenizer.chat_template:
+            tokens += chat_templates.from_tokenizer(tokenizer).control_tokens
+        tokens += tokenizer.all_special_tokens
+    # Reasoning tags are replies' own text, even where a tokenizer registers them as special tokens.
+    return [token for token in dict.fromkeys(tokens) if token not in chat_templates.REASONING_TOKENS]
+
+
+def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict],
+                     trainer_tokenizer) -> tuple[list[Scored], bool, int]:
+    """k completions per row from `model_path`, scored; whether its tokenizer renders chats; and how many samples
+    held a control token of its own or of `trainer_tokenizer` (the preference stage's), left unscored."""
+    from transformers import AutoTokenizer
+
     suite = get_suite(cfg.suite)
+    own = AutoTokenizer.from_pretrained(model_path)
+    tokens, vocab = control_tokens(own, trainer_tokenizer), own.get_vocab()
     settings = GenerationSettings(
         max_new_tokens=suite.max_new_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
-        num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype)
+        num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype,
+        stop_token_ids=tuple(vocab[token] for token in tokens if token in vocab))
     backend = resolve_backend(cfg.backend)
     tokenizer, samples, conversational, backend = sample_checkpoint(
         model_path, rows, settings, backend, True, cfg.batch_size, cfg.vllm_kv_cache_memory_bytes)
@@ -124,10 +169,16 @@ def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict]) -
     # sample of a prompt, and so `rejected`, once answer_consistency joined the arithmetic suite).
     totals = [None if not text.strip() else total
               for text, total in zip((t for texts in kept for t in texts), totals, strict=True)]
+    # Sampling stopped at every control token, so one left in a reply was spelled out in ordinary tokens
+    # ("<", "|", "im", ...): the tokenizer would read it back as the control token, and the chat template
+    # refuses it. Such a sample takes no part in the ranking, as an empty one.
+    held = [any(token in text for token in tokens) for texts in kept for text in texts]
+    totals = [None if holds else total for holds, total in zip(held, totals, strict=True)]
     k = cfg.num_samples
     print(f"{model_path}: {len(rows)} prompts x {k} samples ({backend}), mean score "
-          f"{_mean(totals):.4f}, truncated {sum(s.truncated for ss in samples for s in ss)}")
-    return [Scored(kept[i], totals[i * k:(i + 1) * k]) for i in range(len(rows))], conversational
+          f"{_mean(totals):.4f}, truncated {sum(s.truncated for ss in samples for s in ss)}, "
+          f"dropped for holding a control token {sum(held)}")
+    return [Scored(kept[i], totals[i * k:(i + 1) * k]) for i in range(len(rows))], conversational, sum(held)
 
 
 def _mean(values: list[float | None]) -> float:
@@ -157,7 +208,7 @@ def choose_pair(chosen_from: Scored, rejected_from: Scored) -> tuple[tuple[str, 
     return (best[0], best[1], worst[0], worst[1]), ""
 
 
-def pair_rows(prompt: str, pair: tuple[str, float, str, float], conversational: bool, output_format: str) -> list[dict]:
+def pair_row(prompt: str, pair: tuple[str, float, str, float], conversational: bool) -> dict:
     chosen, chosen_score, rejected, rejected_score = pair
     if conversational:
         prompt_field = [{"role": "user", "content": prompt}]
@@ -165,60 +216,74 @@ def pair_rows(prompt: str, pair: tuple[str, float, str, float], conversational: 
         rejected_field = [{"role": "assistant", "content": rejected}]
     else:
         prompt_field, chosen_field, rejected_field = prompt, chosen, rejected
-    if output_format == "kto":
-        return [{"prompt": prompt_field, "completion": chosen_field, "label": True, "score": chosen_score},
-                {"prompt": prompt_field, "completion": rejected_field, "label": False, "score": rejected_score}]
-    return [{"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
-             "score_chosen": chosen_score, "score_rejected": rejected_score}]
+    return {"prompt": prompt_field, "chosen": chosen_field, "rejected": rejected_field,
+            "score_chosen": chosen_score, "score_rejected": rejected_score}
 
 
 def build_pairs(cfg: BuildPairsConfig) -> dict:
-    """Sample, score, pair; write the jsonl and summary.json; return the summary."""
+    """Sample, score, pair; check the rows as the preference stage will; write the jsonl, summary.json and
+    stage.json; return the summary."""
     out = Path(cfg.output_dir)
-    data_file = out / ("kto.jsonl" if cfg.output_format == "kto" else "pairs.jsonl")
-    for path in (data_file, out / "summary.json"):
-        if path.exists():
-            raise FileExistsError(f"{path} exists; choose a new output_dir or delete it yourself")
+    data_name = "kto.jsonl" if cfg.output_format == "kto" else "pairs.jsonl"
+    if (out / MANIFEST_NAME).exists():  # checked before the sampling, which takes minutes
+        raise FileExistsError(f"{out} holds a complete build_pairs output ({MANIFEST_NAME}); choose a new "
+                              f"output_dir, or delete that one yourself")
+    leftovers = [name for name in (data_name, "summary.json") if (out / name).exists()]
+    if leftovers:
+        print(f"{out} holds {leftovers} without {MANIFEST_NAME}: a run that did not finish; this run replaces them")
     suite = get_suite(cfg.suite)
     rows = load_rows(suite, cfg.split, cfg.data_path)[: cfg.max_prompts]
     if not rows:
         raise ValueError(f"suite {cfg.suite!r} (split {cfg.split!r}) has no rows")
     configure_default_pool(item_timeout_s=cfg.item_timeout_s)
+    # The tokenizer and template the preference stage will train with (its loader): the rows are checked
+    # against them, and a control token of theirs ends a sample too.
+    trainer_tokenizer, _ = load_stage_tokenizer(types.SimpleNamespace(
+        model_name_or_path=cfg.model_name_or_path, tokenizer_name_or_path=None, chat_template=cfg.chat_template),
+        pad=False)
 
-    policy, conversational = sample_and_score(cfg.model_name_or_path, cfg, rows)
-    strong = policy
+    policy, conversational, dropped = sample_and_score(cfg.model_name_or_path, cfg, rows, trainer_tokenizer)
+    strong, strong_dropped = policy, 0
     if cfg.strong_model_name_or_path is not None:
-        strong, _ = sample_and_score(cfg.strong_model_name_or_path, cfg, rows)
+        strong, _, strong_dropped = sample_and_score(cfg.strong_model_name_or_path, cfg, rows, trainer_tokenizer)
 
-    written, no_pair = [], {"tied": 0, "unscored": 0, "same_text": 0}
+    paired, no_pair = [], {"tied": 0, "unscored": 0, "same_text": 0}
     for row, chosen_from, rejected_from in zip(rows, strong, policy):
         pair, reason = choose_pair(chosen_from, rejected_from)
         if pair is None:
             no_pair[reason] += 1
             continue
-        written.extend(pair_rows(row["prompt"], pair, conversational, cfg.output_format))
+        paired.append(pair_row(row["prompt"], pair, conversational))
+    written = unpair(paired) if cfg.output_format == "kto" else paired
     pairs = len(rows) - sum(no_pair.values())
     summary = {"prompts": len(rows), "pairs": pairs, "prompts_without_pair": sum(no_pair.values()),
-               "without_pair_because": no_pair, "rows_written": len(written), "file": str(data_file),
+               "without_pair_because": no_pair, "rows_written": len(written),
+               "samples_with_control_token": dropped + strong_dropped, "file": str(out / data_name),
                "mode": "strong_vs_weak" if cfg.strong_model_name_or_path else "self",
                "policy_mean_score": _mean([s for p in policy for s in p.scores]),
                "strong_mean_score": _mean([s for p in strong for s in p.scores]) if strong is not policy else None,
                "config": resolved_recipe(cfg)}
     print(f"{pairs} pairs from {len(rows)} prompts; {summary['prompts_without_pair']} prompts gave no pair "
-          f"({', '.join(f'{n} {why}' for why, n in no_pair.items())}); wrote {len(written)} rows to {data_file}")
+          f"({', '.join(f'{n} {why}' for why, n in no_pair.items())}); {summary['samples_with_control_token']} "
+          f"samples dropped for holding a control token; {len(written)} rows for {out / data_name}")
     if not written:
         raise ValueError(f"no prompt gave a pair ({no_pair}); sample more (num_samples), at a higher temperature, "
                          f"or from a checkpoint whose completions differ in score")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(data_file, "".join(json.dumps(r) + "\n" for r in written))
-    _write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    # The reader's own check, before anything is written: a file the preference stage refuses is never written.
+    validate_rows(written, [f"{out / data_name} row {i}" for i in range(len(written))],
+                  "kto" if cfg.output_format == "kto" else "dpo", trainer_tokenizer, None, False)
+    text = "".join(json.dumps(r) + "\n" for r in written)
+    counts = {**{name: summary[name] for name in ("prompts", "pairs", "rows_written", "samples_with_control_token",
+                                                  "policy_mean_score")},
+              **{f"without_pair/{why}": n for why, n in no_pair.items()}}
+    save_data_stage(out, {data_name: text, "summary.json": json.dumps(summary, indent=2)},
+                    stage="preference/build_pairs", recipe=summary["config"],
+                    parent=[cfg.strong_model_name_or_path, cfg.model_name_or_path] if cfg.strong_model_name_or_path
+                    else cfg.model_name_or_path,
+                    # of the data file's text: data_fingerprint([Path(file).read_text()]) gives it back
+                    data_fingerprint=data_fingerprint([text]), metrics=counts)
+    print(f"wrote {out / data_name}, summary.json and {MANIFEST_NAME}")
     return summary
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

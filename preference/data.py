@@ -14,9 +14,13 @@ Row formats are TRL's (ARCHITECTURE.md):
     their first turns (the prompt; TRL's `extract_prompt` takes the longest common prefix);
   - unpaired (kto only): `prompt`, `completion`, `label` (bool: desirable or not).
   KTO takes paired rows too: `unpair` splits each into a desirable (chosen, label true) and an
-  undesirable (rejected, label false) row, side by side. TRL's own `unpair_preference_dataset` puts
-  a block of up to 1000 chosen rows before their rejected ones, and KTO's sequential sampling then
-  trains on batches of a single label.
+  undesirable (rejected, label false) row, in the order `unpair` explains: labels alternate, so every
+  batch of KTO's sequential sampling holds both, and a pair's two rows sit about half the set apart.
+  TRL 1.16's KTOTrainer estimates its KL baseline from each row's prompt with the completion of the row
+  before it in the batch (`add_kl_completion_ids`: completions rotated by one within each batch), so a
+  pair's rows side by side would pair a prompt with its own reply (issue 30). TRL's own
+  `unpair_preference_dataset` puts a block of up to 1000 chosen rows before their rejected ones, and
+  sequential sampling then trains on batches of a single label.
 An optional `chat_template_kwargs` mapping per row is passed to the chat template (TRL does the
 same), e.g. `{enable_thinking: false}` to render a row in SmolLM3's no-think mode.
 
@@ -30,6 +34,8 @@ the same label fails too (KTO weighs desirable against undesirable; one side alo
 """
 
 from __future__ import annotations
+
+import json
 
 from core.sources import labelled_rows
 
@@ -140,17 +146,26 @@ def check_row(row: dict, where: str) -> str:
 
 
 def unpair(rows: list[dict]) -> list[dict]:
-    """Paired rows as KTO rows, each pair's desirable and undesirable rows adjacent (see the module docstring)."""
+    """Paired rows as KTO rows, in an order fit for TRL's KL baseline (see the module docstring).
+
+    Pairs are grouped by prompt (in order of first appearance: a prompt asked in several pairs, e.g. in
+    two reasoning modes, counts once), then row 2k is pair k's desirable row and row 2k+1 the undesirable
+    row of pair k + ceil(n/2) (mod n). So labels alternate (every batch of even size is balanced),
+    neighbours never share a prompt unless one prompt holds about half the pairs, and a pair's two rows
+    are n - 1 or more rows apart: with distinct prompts, no batch of fewer than n rows holds a prompt
+    twice. From 3 pairs on; 2 pairs cannot alternate labels without a pair's rows side by side."""
     from trl.data_utils import extract_prompt
 
-    unpaired = []
+    by_prompt: dict[str, list[tuple[dict, dict]]] = {}
     for row in rows:
         if "prompt" not in row or row["prompt"] is None:
             row = {**row, **extract_prompt(row)}
         rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
-        unpaired.append({**rest, "completion": row["chosen"], "label": True})
-        unpaired.append({**rest, "completion": row["rejected"], "label": False})
-    return unpaired
+        by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True), []).append(
+            ({**rest, "completion": row["chosen"], "label": True}, {**rest, "completion": row["rejected"], "label": False}))
+    pairs = [pair for group in by_prompt.values() for pair in group]
+    shift = (len(pairs) + 1) // 2
+    return [row for k in range(len(pairs)) for row in (pairs[k][0], pairs[(k + shift) % len(pairs)][1])]
 
 
 def validate_rows(rows: list[dict], origins: list[str], method: str, tokenizer, max_length: int | None,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -281,6 +282,14 @@ class RunState:
         os.replace(tmp, self.path)
 
 
+def aside_path(out: Path) -> Path:
+    """A free name beside `out` for its old output; two reruns within a second (a stage that fails at once)
+    need two."""
+    stamp = int(time.time())
+    names = (out.with_name(f"{out.name}.replaced-{stamp}" + (f"-{n}" if n else "")) for n in itertools.count())
+    return next(path for path in names if not path.exists())
+
+
 def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
     """Run, resume or skip one stage; returns what was done."""
     out = run_dir / stage.name
@@ -292,20 +301,15 @@ def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
         # a checkpoint of unknown recipe, resuming it would continue someone else's run (issue 30).
         kind = "a complete" if (out / MANIFEST_NAME).exists() else "a started"
         raise PipelineError(f"stage {stage.name!r}: {out} holds {kind} output that {state.path} has no record "
-                            f"of, so the pipeline cannot tell which recipe made "
-                            f"it; pass --rerun {stage.name} to run the stage again (the old output is kept beside it), "
-                            f"or use another output_dir")
+                            f"of, so the pipeline cannot tell which recipe made it; pass --rerun {stage.name} to run "
+                            f"the stage again (the old output is kept beside it), or use another output_dir")
     changed = "request" in record and record["request"] != request
     if out.exists() and (changed or rerun):
         if not rerun:
             raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
                                 f"{changed_fields(record['request'], request)}; pass --rerun {stage.name} to run it "
                                 f"again (the old output is kept beside it)")
-        aside = out.with_name(f"{out.name}.replaced-{int(time.time())}")
-        for number in range(1, 1000):  # two reruns within a second (a stage that fails at once) need two names
-            if not aside.exists():
-                break
-            aside = out.with_name(f"{out.name}.replaced-{int(time.time())}-{number}")
+        aside = aside_path(out)
         out.rename(aside)
         print(f"[{stage.name}] old output moved to {aside}")
     if (out / MANIFEST_NAME).exists():

@@ -16,8 +16,10 @@ Used by evaluation (rewards.evaluate), SFT's generation check, and the stages th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,34 +68,54 @@ def accelerator_device() -> torch.device:
     return torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Inside: the CPU RNG and `device`'s RNG seeded with `seed`. After: both as they were.
+
+    `model.generate` samples from the global RNG (it takes no generator). Seeding it in place re-seeded
+    the caller's RNG on every call: GRPO's vllm_sync_check generates after each weight sync, so the
+    trainer's sampling noise restarted from the same state every step (issue 30)."""
+    on_accelerator = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if on_accelerator else [], device_type=device.type):
+        torch.random.default_generator.manual_seed(seed)
+        if on_accelerator:  # only the device in use: other devices' RNGs are not forked, so not touched
+            torch.get_device_module(device).manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate_transformers(model, prompts: list[list[int]], eos_ids: list[int], settings: GenerationSettings,
                           batch_size: int = 32) -> list[list[Sample]]:
-    """`settings.num_samples` completions per prompt with `model.generate`, batching equal-length prompts."""
+    """`settings.num_samples` completions per prompt with `model.generate`, batching equal-length prompts.
+
+    Sampling is seeded with `settings.seed` (the same call gives the same samples) without touching the
+    caller's RNG; greedy decoding draws no random numbers and seeds nothing."""
     eos_ids = stop_ids(eos_ids, settings)
     was_training = model.training
     model.eval()
     device = accelerator_device()
     model.to(device)
-    torch.manual_seed(settings.seed)
     greedy = settings.temperature == 0
     sampling = {} if greedy else dict(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     results: list[list[Sample] | None] = [None] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for index, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(index)
+    rng = contextlib.nullcontext() if greedy else seeded_rng(settings.seed, device)
     try:
-        for length, indices in sorted(by_length.items()):
-            for start in range(0, len(indices), batch_size):
-                batch = indices[start:start + batch_size]
-                input_ids = torch.tensor([prompts[i] for i in batch], device=device)  # (B, length): no padding
-                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=not greedy,
-                                     max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.num_samples,
-                                     eos_token_id=eos_ids, pad_token_id=eos_ids[0] if eos_ids else 0, **sampling)
-                generated = out[:, length:].tolist()  # (B * num_samples, new tokens), prompt-major
-                for position, index in enumerate(batch):
-                    rows = generated[position * settings.num_samples:(position + 1) * settings.num_samples]
-                    results[index] = [to_sample(row, eos_ids, settings.max_new_tokens) for row in rows]
+        with rng:
+            for length, indices in sorted(by_length.items()):
+                for start in range(0, len(indices), batch_size):
+                    batch = indices[start:start + batch_size]
+                    input_ids = torch.tensor([prompts[i] for i in batch], device=device)  # (B, length): no padding
+                    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=not greedy,
+                                         max_new_tokens=settings.max_new_tokens,
+                                         num_return_sequences=settings.num_samples, eos_token_id=eos_ids,
+                                         pad_token_id=eos_ids[0] if eos_ids else 0, **sampling)
+                    generated = out[:, length:].tolist()  # (B * num_samples, new tokens), prompt-major
+                    for position, index in enumerate(batch):
+                        rows = generated[position * settings.num_samples:(position + 1) * settings.num_samples]
+                        results[index] = [to_sample(row, eos_ids, settings.max_new_tokens) for row in rows]
     finally:
         model.train(was_training)
     return results

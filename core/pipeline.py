@@ -14,19 +14,27 @@ A pipeline file lists stages in order; each runs as its own process (`accelerate
          inputs: {tokenizer_name_or_path: tokenizer}}
       - {name: sft, module: sft, config: recipes/tiny/sft.yaml, inputs: {model_name_or_path: pretrain},
          processes: 2, overrides: {learning_rate: 1.0e-3}}
-    evaluate: {suite: arithmetic, split: test, temperature: 0, num_samples: 1, max_new_tokens: 64}
+    evaluate:
+      greedy: {suite: arithmetic, split: test, temperature: 0, num_samples: 1, max_new_tokens: 64}
+      sampled: {suite: arithmetic, split: test, num_samples: 8, max_new_tokens: 64}
 
 `inputs` maps a field of the stage's recipe to an earlier stage's output directory (`sft`), a file in
 it (`pairs/pairs.jsonl`), or a data source reading that file (`{path: pairs/pairs.jsonl}`); `overrides`
 are `--field value` flags; `processes` > 1 launches with recipes/accelerate_configs/ddp.yaml (or
-`accelerate_config`). After the stages, every stage that wrote a model is evaluated on the reward
-suite (`python -m rewards.evaluate`), and the report is written.
+`accelerate_config`). A stage reads the stages its `inputs` name, and those whose output directory a
+value of its recipe or overrides names (`model_name_or_path: [out/smollm3/apo, ...]` in a merge recipe).
+After the stages, every stage that wrote a model is evaluated on the reward suite by each named
+evaluation (`python -m rewards.evaluate` with its flags, into `<output_dir>/eval/<name>/`), and the
+report is written.
 
 What happens to a stage, decided from the run directory (`pipeline.json` keeps what each stage was
-asked to do: module, recipe file contents, inputs, overrides):
-- complete (its stage.json) with the same request: skipped. The request includes a fingerprint of each
-  input stage's output, and a stage whose input stage ran in this invocation is rerun;
+asked to do: module, recipe file contents, inputs, overrides, credentials redacted):
+- complete (its stage.json) with the same request: skipped. The request includes a fingerprint of the
+  output of each stage it reads and of the content of each local file its recipe names (data, chat
+  templates), and a stage reading a stage that ran in this invocation is rerun;
 - complete with a changed request: refused, naming the stage and the changed fields;
+- an output that `pipeline.json` has no record of (made by hand, or the record lost): refused, as the
+  pipeline cannot tell what made it;
 - `--rerun NAME`, changed or not: the old output is moved aside (never deleted) and the stage runs again;
 - started but not complete: resumed (`--resume_from_checkpoint true`);
 - otherwise: run.
@@ -36,18 +44,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from core.checkpoint import MANIFEST_NAME
-from core.recipe import RecipeError, load_recipe_file
+from core.recipe import RecipeError, load_recipe_file, redacted
+from core.report import EVAL_DIR, write_report
+from core.sources import SourceSpec, content_fingerprint
 
 STATE_FILE = "pipeline.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -68,26 +80,81 @@ class Stage:
     overrides: dict = field(default_factory=dict)
     processes: int = 1
     accelerate_config: str | None = None
+    # The earlier stages whose output this one reads: those `inputs` name and those its recipe names by path
+    # (set by load_pipeline; not a pipeline-file key).
+    upstream: list[str] = field(default_factory=list)
+
+    def recipe(self) -> dict:
+        """The recipe as the stage runs it, credentials redacted: the file's fields with `overrides` on top,
+        without the fields the runner sets (`inputs`, output_dir)."""
+        recipe = {**load_recipe_file(self.config), **self.overrides}
+        for key in [*self.inputs, "output_dir"]:
+            recipe.pop(key, None)
+        return redacted(recipe)
 
     def request(self, run_dir: Path) -> dict:
         """What the stage is asked to do; a change of any of it means a different stage output.
 
-        `upstream` fingerprints the outputs it consumes (their stage.json, rewritten by every run), so a
-        stage whose input stage was run again is not skipped as complete: it read the old input."""
+        `upstream` fingerprints the outputs it reads (their stage.json, rewritten by every run), so a stage
+        whose input stage was run again is not skipped as complete: it read the old input. `files`
+        fingerprints the content of the local files its recipe names: an edited data file or chat template
+        changes the stage's output as much as an edited recipe (issue 30)."""
         upstream = {}
-        for value in self.inputs.values():
-            manifest = run_dir / input_stage(value) / MANIFEST_NAME
-            upstream[input_stage(value)] = (hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
-                                            if manifest.exists() else None)
-        return {"module": self.module, "recipe": load_recipe_file(self.config), "inputs": self.inputs,
-                "overrides": self.overrides, "processes": self.processes, "upstream": upstream}
+        for name in self.upstream:
+            manifest = run_dir / name / MANIFEST_NAME
+            upstream[name] = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.exists() else None
+        request = {"module": self.module, "recipe": redacted(load_recipe_file(self.config)), "inputs": self.inputs,
+                   "overrides": redacted(self.overrides), "processes": self.processes, "upstream": upstream}
+        files = local_file_fingerprints(self.recipe(), run_dir)
+        # Only when there are any: the records of run directories made before files were fingerprinted stay
+        # valid for the recipes that name no local file (all of recipes/tiny/).
+        return {**request, "files": files} if files else request
+
+
+def recipe_strings(value) -> Iterator[str]:
+    """Every string in a recipe value, in lists and mappings too."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from recipe_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from recipe_strings(item)
+
+
+def output_named(text: str, run_dir: Path) -> str | None:
+    """The first directory under the run directory that a recipe string names as a path
+    (`out/smollm3/apo`, `out/tiny/pairs/pairs.jsonl`: apo, pairs), else None."""
+    if "/" not in text:  # a bare word (a preset, a module name) is not a path into the run
+        return None
+    try:
+        relative = Path(text).expanduser().resolve().relative_to(run_dir.resolve())
+    except (ValueError, OSError, RuntimeError):  # not under the run directory, or no file name at all
+        return None
+    return relative.parts[0] if relative.parts else None
+
+
+def is_local_file(text: str) -> bool:
+    try:
+        return Path(text).expanduser().is_file()
+    except (ValueError, OSError, RuntimeError):  # inline text (a chat template) is too long a name, `~nobody`
+        return False
+
+
+def local_file_fingerprints(recipe: dict, run_dir: Path) -> dict[str, str]:
+    """path -> content fingerprint (core.sources.content_fingerprint: size + sha256) of every local file the
+    recipe names outside the stage outputs, which `upstream` covers. A directory outside the run (a local
+    checkpoint) is taken as named: hashing a model's weights on every run would cost minutes."""
+    return {text: content_fingerprint(SourceSpec(path=text)) for text in recipe_strings(recipe)
+            if is_local_file(text) and output_named(text, run_dir) is None}
 
 
 @dataclass
 class Pipeline:
     output_dir: Path
     stages: list[Stage]
-    evaluate: dict | None
+    evaluate: dict[str, dict]  # evaluation name -> rewards.evaluate flags
 
 
 def load_pipeline(path: str, sets: list[str]) -> Pipeline:
@@ -121,7 +188,37 @@ def load_pipeline(path: str, sets: list[str]) -> Pipeline:
         if not sep or not dot or name not in names:
             raise PipelineError(f"--set {assignment!r}: write it as <stage>.<field>=<value>, stage one of {names}")
         stages[names.index(name)].overrides[key] = yaml.safe_load(value)
-    return Pipeline(Path(raw["output_dir"]), stages, raw.get("evaluate"))
+    run_dir = Path(raw["output_dir"])
+    for index, stage in enumerate(stages):
+        stage.upstream = upstream_stages(stage, run_dir, names[:index], names[index + 1:], path)
+    return Pipeline(run_dir, stages, evaluations(raw.get("evaluate"), path))
+
+
+def upstream_stages(stage: Stage, run_dir: Path, earlier: list[str], later: list[str], path: str) -> list[str]:
+    """The earlier stages whose output `stage` reads: named by its `inputs`, or by a path in its recipe or
+    overrides (a merge recipe lists its checkpoints itself). Without the second kind, `--rerun apo` left
+    the merge of the old APO model standing as complete (issue 30)."""
+    named = {output_named(text, run_dir) for text in recipe_strings(stage.recipe())}
+    too_late = sorted(named & set(later))
+    if too_late:
+        raise PipelineError(f"{path}: stage {stage.name!r} ({stage.config}) names the output of {too_late} in its "
+                            f"recipe, but runs before them; move it after them")
+    return sorted({input_stage(v) for v in stage.inputs.values()} | (named & set(earlier)))
+
+
+def evaluations(raw, path: str) -> dict[str, dict]:
+    """`evaluate:`, a mapping of evaluation name -> rewards.evaluate flags (e.g. greedy and sampled)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(flags, dict) for flags in raw.values()):
+        raise PipelineError(f"{path}: evaluate must map a name to rewards.evaluate flags, e.g. evaluate: "
+                            f"{{greedy: {{suite: arithmetic, temperature: 0, num_samples: 1}}, sampled: "
+                            f"{{suite: arithmetic, num_samples: 8}}}}; got {raw!r}")
+    for name, flags in raw.items():
+        if "/" in str(name) or "output_dir" in flags or "model_name_or_path" in flags:
+            raise PipelineError(f"{path}: evaluate.{name}: the runner sets the checkpoints and writes "
+                                f"{EVAL_DIR}/<name>/; give a plain name and the other flags only")
+    return raw
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -185,17 +282,34 @@ class RunState:
         os.replace(tmp, self.path)
 
 
+def aside_path(out: Path) -> Path:
+    """A free name beside `out` for its old output; two reruns within a second (a stage that fails at once)
+    need two."""
+    stamp = int(time.time())
+    names = (out.with_name(f"{out.name}.replaced-{stamp}" + (f"-{n}" if n else "")) for n in itertools.count())
+    return next(path for path in names if not path.exists())
+
+
 def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
     """Run, resume or skip one stage; returns what was done."""
     out = run_dir / stage.name
     request, record = stage.request(run_dir), state.stage(stage.name)
+    # The report's "started from" and teacher columns (core/report.py reads stage names, not input syntax).
+    record["input_stages"] = {key: input_stage(value) for key, value in stage.inputs.items()}
+    if out.exists() and "request" not in record and not rerun:
+        # Made outside this pipeline (or its record lost): skipping it as complete would build the next stages on
+        # a checkpoint of unknown recipe, resuming it would continue someone else's run (issue 30).
+        kind = "a complete" if (out / MANIFEST_NAME).exists() else "a started"
+        raise PipelineError(f"stage {stage.name!r}: {out} holds {kind} output that {state.path} has no record "
+                            f"of, so the pipeline cannot tell which recipe made it; pass --rerun {stage.name} to run "
+                            f"the stage again (the old output is kept beside it), or use another output_dir")
     changed = "request" in record and record["request"] != request
     if out.exists() and (changed or rerun):
         if not rerun:
             raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
                                 f"{changed_fields(record['request'], request)}; pass --rerun {stage.name} to run it "
                                 f"again (the old output is kept beside it)")
-        aside = out.with_name(f"{out.name}.replaced-{int(time.time())}")
+        aside = aside_path(out)
         out.rename(aside)
         print(f"[{stage.name}] old output moved to {aside}")
     if (out / MANIFEST_NAME).exists():
@@ -219,17 +333,21 @@ def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
 
 
 def evaluate(pipeline: Pipeline, state: RunState) -> None:
-    """Every stage output that is a model, side by side on the reward suite (rewards.evaluate)."""
+    """Every stage output that is a model, side by side on the reward suite (rewards.evaluate), once per named
+    evaluation: `<output_dir>/eval/<name>/results.json`."""
     run_dir = pipeline.output_dir
     models = [str(run_dir / s.name) for s in pipeline.stages if (run_dir / s.name / "config.json").exists()]
     if not pipeline.evaluate or not models:
         return
-    out = run_dir / "eval"
-    flags = [item for key, value in pipeline.evaluate.items() for item in (f"--{key}", str(value))]
-    started = time.time()
-    subprocess.run([sys.executable, "-m", "rewards.evaluate", "--model_name_or_path", *models, *flags,
-                    "--output_dir", str(out)], check=True)
-    state.stage("evaluate").update({"wall_seconds": time.time() - started, "status": "complete"})
+    record = state.stage("evaluate")
+    record.update({"status": "running", "wall_seconds": {}})
+    for name, options in pipeline.evaluate.items():
+        flags = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+        started = time.time()
+        subprocess.run([sys.executable, "-m", "rewards.evaluate", "--model_name_or_path", *models, *flags,
+                        "--output_dir", str(run_dir / EVAL_DIR / name)], check=True)
+        record["wall_seconds"][name] = time.time() - started
+    record["status"] = "complete"
     state.save()
 
 
@@ -241,19 +359,18 @@ def run(args: argparse.Namespace) -> None:
     last = names.index(args.until) if args.until else len(names) - 1
     run_dir = pipeline.output_dir
     state = RunState(run_dir)
-    state.data["pipeline"] = {"file": args.pipeline, "stages": names}
+    state.data["pipeline"] = {"file": args.pipeline, "stages": names, "evaluate": list(pipeline.evaluate)}
     ran: set[str] = set()
     for stage in pipeline.stages[first:last + 1]:
         # A stage reading the output of one that just ran again is rerun too, as `make` would.
-        rerun = stage.name in (args.rerun or []) or any(input_stage(v) in ran for v in stage.inputs.values())
+        rerun = stage.name in (args.rerun or []) or any(name in ran for name in stage.upstream)
         done = run_stage(stage, run_dir, state, rerun)
         if done != "skipped (complete)":
             ran.add(stage.name)
         print(f"[{stage.name}] {done}", flush=True)
+    state.save()
     if last == len(names) - 1:
         evaluate(pipeline, state)
-    from core.report import write_report
-
     print(write_report(run_dir))
 
 
@@ -286,8 +403,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.verb == "run":
             run(args)
         else:
-            from core.report import write_report
-
             print(write_report(Path(args.run_dir)))
     except (PipelineError, RecipeError) as error:
         raise SystemExit(f"smolforge: {error}") from error

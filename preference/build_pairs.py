@@ -52,7 +52,6 @@ skipped). Completions are sampled in the template's default mode (SmolLM3: /thin
 from __future__ import annotations
 
 import json
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,7 +60,6 @@ import chat_templates
 from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_data_stage
 from core.generation import GenerationSettings
 from core.recipe import help_field as _help, parse_recipe, resolved_recipe
-from core.trainer_defaults import load_stage_tokenizer
 from rewards.evaluate import resolve_backend, sample_checkpoint, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
@@ -238,9 +236,7 @@ def build_pairs(cfg: BuildPairsConfig) -> dict:
     configure_default_pool(item_timeout_s=cfg.item_timeout_s)
     # The tokenizer and template the preference stage will train with (its loader): the rows are checked
     # against them, and a control token of theirs ends a sample too.
-    trainer_tokenizer, _ = load_stage_tokenizer(types.SimpleNamespace(
-        model_name_or_path=cfg.model_name_or_path, tokenizer_name_or_path=None, chat_template=cfg.chat_template),
-        pad=False)
+    trainer_tokenizer, _ = chat_templates.load_tokenizer(cfg.model_name_or_path, cfg.chat_template, pad=False)
 
     policy, conversational, dropped = sample_and_score(cfg.model_name_or_path, cfg, rows, trainer_tokenizer)
     strong, strong_dropped = policy, 0

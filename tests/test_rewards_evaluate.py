@@ -124,3 +124,27 @@ def test_command_line_entry_point_and_errors(checkpoints, tmp_path):
         main(["--model_name_or_path", checkpoints[0], "--suite", "gsm9k", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown command-line flag '--num_sample'"):
         main(["--model_name_or_path", checkpoints[0], "--num_sample", "4", "--output_dir", str(tmp_path)])
+
+
+def test_pass_at_1_has_a_standard_error_over_prompts():
+    """Issue 30: pass@1 on 40 prompts was reported without its error, so two checkpoints a few answers apart
+    looked different. SE = sample std over prompts of the per-prompt success fraction / sqrt(prompts)."""
+    from core.generation import Sample
+    from rewards.evaluate import format_table, summarize_model
+    from rewards.suites import get_suite
+
+    suite = get_suite("arithmetic")
+    samples = [[Sample([1, 2], truncated=False)] * 2 for _ in range(3)]
+    accuracy = [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]  # per-prompt fractions 1, 0.5, 0
+    rewards = {name: accuracy if name == "accuracy" else [0.0] * 6 for name in suite.reward_weights}
+    summary = summarize_model(suite, samples, rewards, num_samples=2)
+    assert summary["pass@1"] == pytest.approx(0.5)
+    assert summary["pass@1_se"] == pytest.approx(0.5 / 3 ** 0.5)  # stdev([1, 0.5, 0]) = 0.5
+    assert summary["pass@2"] == pytest.approx(2 / 3) and summary["pass@2_se"] == pytest.approx(1 / 3)
+    table = format_table({"ckpt": {"summary": summary}}, num_samples=2)
+    assert "0.5000 ± 0.2887" in next(line for line in table.splitlines() if line.startswith("pass@1 "))
+    # One prompt has no spread to measure: no SE rather than a made-up 0.
+    one = summarize_model(suite, samples[:1], {name: values[:2] for name, values in rewards.items()}, 2)
+    assert one["pass@1_se"] is None
+    row = next(line for line in format_table({"c": {"summary": one}}, 2).splitlines() if line.startswith("pass@1 "))
+    assert row.split()[-1] == "1.0000" and row.count("±") == 1  # the label's only

@@ -152,3 +152,109 @@ def test_compiled_engine_greedy_equals_hf_before_and_after_weight_update(tmp_pat
     result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["before"] == expected_before
     assert result["after"] == hf_greedy(model) != expected_before
+
+
+class StalledServer:
+    """A real HTTP server on 127.0.0.1 that accepts every request and never answers the stalled ones
+    (POSTs; with `stall_get` also GETs) until the test releases it: what a hung vLLM server looks like
+    to the client."""
+
+    def __init__(self, stall_get: bool = False):
+        import http.server
+        import threading
+
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if stall_get:
+                    server.release.wait(60)  # bounded: the thread ends even if the test forgets to release
+                self.answer({"data": [{"id": "stalled"}]} if self.path == "/v1/models" else {})
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.release.wait(60)
+                self.answer({"choices": []})
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def call_bounded(function, limit: float) -> tuple[BaseException | None, float]:
+    """Run `function` in a thread, wait at most `limit` s; (the error it raised, seconds it took). A call still
+    running at the limit fails the test here instead of hanging it (e.g. a client without a timeout)."""
+    import threading
+    import time
+
+    outcome: dict = {}
+
+    def target():
+        started = time.monotonic()
+        try:
+            function()
+        except BaseException as error:  # noqa: BLE001  (handed to the test to inspect)
+            outcome["error"] = error
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"the request did not fail within {limit} s: no timeout"
+    return outcome.get("error"), outcome["seconds"]
+
+
+@pytest.mark.parametrize("stall_get", [False, True], ids=["stalled-generate", "stalled-health-check"])
+def test_timed_client_fails_a_stalled_server_within_one_timeout_naming_it(stall_get):
+    """Issue 30: a read timeout was retried (3 x vllm_request_timeout, 15 minutes at the default) and reported
+    as 'unreachable ... ConnectionError'; TRL's own health check had no timeout at all."""
+    from core.vllm.client import TimedVLLMClient, VLLMServerError
+
+    timeout = 1.5
+    server = StalledServer(stall_get=stall_get)
+    try:
+        def request():
+            client = TimedVLLMClient(base_url=server.url, connection_timeout=5, request_timeout=timeout)
+            client.generate(prompts=["What is 7+5?"], max_tokens=4)
+
+        error, seconds = call_bounded(request, limit=8 * timeout)
+    finally:
+        server.close()
+    assert isinstance(error, VLLMServerError), repr(error)
+    assert seconds < 2 * timeout, f"failed after {seconds:.1f} s: the timed-out request was retried"
+    assert f"vllm_request_timeout={timeout} s" in str(error) and "did not answer" in str(error), str(error)
+    assert ("/health" if stall_get else "/v1/completions") in str(error)
+
+
+def test_timed_client_retries_a_refused_connection_briefly():
+    import socket
+    import time
+
+    from core.vllm.client import TimedVLLMClient, VLLMServerError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(VLLMServerError, match=f"127.0.0.1:{port} is not up after 0 s.*ConnectionError"):
+        TimedVLLMClient(base_url=f"http://127.0.0.1:{port}", connection_timeout=0, request_timeout=30)
+    assert time.monotonic() - started < 10  # TRL's retries took about a minute

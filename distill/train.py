@@ -108,6 +108,7 @@ def served_teacher(cfg: DistillConfig, student) -> TimedVLLMClient:
             f"the student ({cfg.model_name_or_path}) predicts {size} tokens, the served teacher "
             f"({cfg.teacher_model_name_or_path}) {vocab}: resize one model's embeddings to the other's")
     return TimedVLLMClient(base_url=cfg.teacher_model_server_url, connection_timeout=cfg.teacher_request_timeout,
+                           timeout_field="teacher_request_timeout",
                            request_timeout=cfg.teacher_request_timeout)
 
 

@@ -164,8 +164,31 @@ def unpair(rows: list[dict]) -> list[dict]:
         by_prompt.setdefault(json.dumps(row["prompt"], sort_keys=True), []).append(
             ({**rest, "completion": row["chosen"], "label": True}, {**rest, "completion": row["rejected"], "label": False}))
     pairs = [pair for group in by_prompt.values() for pair in group]
-    shift = (len(pairs) + 1) // 2
-    return [row for k in range(len(pairs)) for row in (pairs[k][0], pairs[(k + shift) % len(pairs)][1])]
+    return kto_order([desirable for desirable, _ in pairs], [undesirable for _, undesirable in pairs])
+
+
+def kto_order(desirable: list[dict], undesirable: list[dict]) -> list[dict]:
+    """KTO rows in an order fit for TRL's KL baseline (module docstring): labels alternate, and the undesirable
+    rows are rotated by 0 or ceil(n/2), whichever puts rows of one prompt further apart. Rows that come paired
+    side by side (core/arithmetic.py `kto_rows`, a file written that way) are rotated by half; rows already in
+    such an order (`unpair`'s, build_pairs' KTO output) keep it. Rows past the shorter label's count go last."""
+    n = min(len(desirable), len(undesirable))
+
+    def interleaved(shift: int) -> list[dict]:
+        rotated = undesirable[:n][shift:] + undesirable[:n][:shift]
+        return [row for pair in zip(desirable[:n], rotated) for row in pair]
+
+    def closest_same_prompt(rows: list[dict]) -> int:
+        last, closest = {}, len(rows)
+        for i, row in enumerate(rows):
+            key = json.dumps(row["prompt"], sort_keys=True)
+            if key in last:
+                closest = min(closest, i - last[key])
+            last[key] = i
+        return closest
+
+    ordered = max((interleaved(0), interleaved((n + 1) // 2)), key=closest_same_prompt)
+    return ordered + desirable[n:] + undesirable[n:]
 
 
 def validate_rows(rows: list[dict], origins: list[str], method: str, tokenizer, max_length: int | None,

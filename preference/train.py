@@ -13,8 +13,9 @@ Where we deviate from TRL (all here or in preference/config.py, preference/data.
     ways). TRL would load the reference from `model_name_or_path` itself, but (1.16,
     `create_model_from_path`) it reads `config.auto_map`, which a config registered in-process (our
     core's) lacks, and it would miss control tokens the chat template added (embeddings resized here);
-  - KTO on paired rows: each pair becomes two adjacent rows (desirable, undesirable) before the
-    trainer sees them; TRL's unpairing would give batches of a single label (preference/data.py);
+  - KTO: rows are ordered for TRL's KL baseline, which pairs each row with its batch neighbour's reply:
+    labels alternate and rows of one prompt stand far apart (preference/data.py `kto_order`; pairs are
+    unpaired first, `unpair`); TRL's own unpairing would give batches of a single label;
   - ORPO (the experimental trainer, tokenising as TRL's older trainers did) splits prompt and reply
     at one token position shared by chosen and rejected: the prefix of prompt, prompt + chosen and
     prompt + rejected that all three tokenise alike. TRL's ORPO splits each of the two at its own
@@ -54,7 +55,7 @@ from core.lifecycle import (begin, finish, launch_summary, load_policy, prefligh
 from core.trainer_defaults import lora_config
 
 from .config import PreferenceConfig, trainer_args
-from .data import load_sources, unpair, validate_rows
+from .data import kto_order, load_sources, unpair, validate_rows
 
 
 class DPOTrainer(FaultInjectionMixin, trl.DPOTrainer):
@@ -96,8 +97,9 @@ def load_data(cfg: PreferenceConfig, tokenizer) -> tuple[Dataset, str, str]:
         raise ValueError(f"{origins[0]} is conversational but the tokenizer of {cfg.model_name_or_path} has no chat "
                          f"template; set chat_template (e.g. smollm3)")
     lengths = validate_rows(rows, origins, cfg.method, tokenizer, cfg.max_length, cfg.truncation)
-    if cfg.method == "kto" and "chosen" in rows[0]:
-        rows = unpair(rows)
+    if cfg.method == "kto":  # TRL's KL baseline pairs each row with its batch neighbour's reply
+        rows = unpair(rows) if "chosen" in rows[0] else kto_order([r for r in rows if r["label"]],
+                                                                  [r for r in rows if not r["label"]])
     if any("chat_template_kwargs" in row for row in rows):
         # TRL unpacks each row's mapping; a source without the column (e.g. build_pairs' output beside
         # the built-in pairs) would reach it as None. An empty mapping renders with the template's defaults.

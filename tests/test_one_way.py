@@ -206,3 +206,19 @@ def test_no_import_cycles_between_project_modules():
 
     cycles = [cycle for module in sorted(graph) if (cycle := cycle_through(module))]
     assert not cycles, cycles
+
+
+TRL_STAGES = ["sft/train.py", "preference/train.py", "rl/train.py", "rl/reward_model.py", "distill/train.py"]
+
+
+@pytest.mark.parametrize("path", TRL_STAGES)
+def test_each_trl_stage_goes_through_the_one_lifecycle_in_a_short_run(path):
+    """Issue 29: recipe -> data -> trainer -> train -> finish, each step core/lifecycle.py's; run() at most 40 lines."""
+    source = (REPO / path).read_text()
+    (run,) = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "run"]
+    assert run.end_lineno - run.lineno + 1 <= 40, f"{path}: run() is {run.end_lineno - run.lineno + 1} lines"
+    for step in ("preflight(", "load_policy(", "stage_callbacks(", "begin(", "finish("):
+        assert step in source, f"{path} does not call core.lifecycle's {step[:-1]}"
+    for private_copy in ("save_checkpoint(", "trainer_resume_point(", "get_state_dict(", "merge_and_unload(",
+                         "copy.deepcopy(", "MetricsCallback(", "from_pretrained(cfg.model_name_or_path"):
+        assert private_copy not in source, f"{path} does {private_copy[:-1]} itself instead of core/lifecycle.py"

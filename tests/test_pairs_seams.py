@@ -349,3 +349,16 @@ def test_build_pairs_kto_rows_give_trls_kl_baseline_another_prompts_reply(tmp_pa
     validate_rows(written, origins, "kto", chat_tokenizer, None, False)
     rows, _ = kto_dataset_rows(tmp_path, chat_base, out / "kto.jsonl", 2)
     assert_kl_pairs_other_prompts(rows, 2)
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_unpaired_kto_rows_side_by_side_give_trls_kl_baseline_another_prompts_reply(tmp_path, chat_base, batch_size):
+    """KTO rows that come paired side by side, as core/arithmetic.py `kto_rows` (builtin:arithmetic_kto) writes
+    them, are reordered by the stage too: only paired rows were, and the built-in KTO recipe trained with each
+    prompt's KL term on its own reply."""
+    source = tmp_path / "kto.jsonl"
+    source.write_text("".join(json.dumps({"prompt": p["prompt"], "completion": p[name], "label": name == "chosen"}) + "\n"
+                              for p in distinct_pairs(6) for name in ("chosen", "rejected")))
+    rows, batch = kto_dataset_rows(tmp_path, chat_base, source, batch_size)
+    assert len(rows) == 12
+    assert_kl_pairs_other_prompts(rows, batch_size)

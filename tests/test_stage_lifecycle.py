@@ -30,7 +30,7 @@ from conftest import REPO, ok, perturb_, write_recipe
 
 STAGES = {  # name: (module, the stage's recipe for a 2-step run from the chat base)
     "sft": ("sft", {"sources": [{"path": "builtin:arithmetic_chat", "max_rows": 8}], "max_length": 512,
-                    "generation_eval": {"path": "builtin:arithmetic_chat", "split": "test", "max_rows": 2,
+                    "generation_eval": {"path": "builtin:arithmetic_chat", "split": "test", "max_rows": 8,
                                         "max_new_tokens": 4}}),
     "dpo": ("preference", {"method": "dpo", "sources": [{"path": "builtin:arithmetic_pairs", "max_rows": 8}],
                            "max_length": 512}),
@@ -157,3 +157,75 @@ def test_lora_trains_under_ddp_and_saves_merged_weights(tmp_path, chat_base, sta
     saved = load_file(out / "model.safetensors")
     assert not any("lora" in name for name in saved), [n for n in saved if "lora" in n][:3]
     assert changed_weights(out, chat_base), "merged LoRA left the weights as they were"
+
+
+# --- failures of a served vLLM reach every rank -------------------------------------------------------
+
+def test_a_failed_served_weight_sync_raises_the_server_error_on_gpu_too(monkeypatch):
+    """Issue 30: on GPUs the served weight sync is TRL's (NCCL through the server); a failure of the main
+    process's request was raised there alone, so the other ranks waited in the next collective until NCCL's
+    timeout. Now it goes through the same broadcast as every other served request."""
+    import core.vllm
+    from core.vllm.client import VLLMServerError
+    from core.vllm.trl import SmolForgeVLLMGeneration
+    from trl.generation import vllm_generation
+
+    class OneProcess:
+        is_main_process, num_processes, process_index = True, 1, 0
+
+    def failing_sync(self):
+        raise ConnectionError("POST http://127.0.0.1:8000/update_named_param/ answered 500")
+
+    monkeypatch.setattr(core.vllm, "on_cpu", lambda: False)
+    monkeypatch.setattr(vllm_generation.VLLMGeneration, "sync_weights", failing_sync)
+    generation = SmolForgeVLLMGeneration.__new__(SmolForgeVLLMGeneration)
+    generation.mode, generation.accelerator, generation.server_error = "server", OneProcess(), None
+    with pytest.raises(VLLMServerError, match=r"rank 0: the vLLM server failed while synchronising weights: "
+                                              r"ConnectionError: POST .*answered 500"):
+        generation.sync_weights()
+
+
+TEACHER_RANKS = '''
+import sys
+import torch.distributed as dist
+from accelerate import PartialState
+from core.vllm.client import VLLMServerError
+from distill.train import DistillTrainer
+
+state = PartialState(cpu=True)  # gloo over the launcher's ranks, as the stages' use_cpu does
+
+
+class Client:
+    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs):
+        if state.process_index == 1:
+            raise TimeoutError("teacher did not answer within teacher_request_timeout=1 s")
+        return {"logprobs": [], "logprob_token_ids": []}
+
+
+class Args:
+    teacher_model_server_url = "http://127.0.0.1:8123"
+
+
+trainer = DistillTrainer.__new__(DistillTrainer)
+trainer.teacher_client, trainer.args, trainer.accelerator = Client(), Args(), state
+try:
+    trainer.teacher_request([[1, 2]], [1], 8)
+    print(f"rank {state.process_index}: no error", flush=True)
+except VLLMServerError as error:
+    print(f"rank {state.process_index} raised: {error}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_a_served_teacher_failing_on_one_rank_fails_every_rank(tmp_path):
+    """Issue 30: each rank asks the teacher server for its own batch; a failure on rank 1 was raised on rank 1
+    alone, and rank 0 waited in the next gradient all-reduce until its timeout."""
+    script = tmp_path / "ranks.py"
+    script.write_text(TEACHER_RANKS)
+    result = ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                str(script)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
+    for rank in (0, 1):
+        assert (f"rank {rank} raised: rank {rank}: the teacher server http://127.0.0.1:8123 failed on rank 1: "
+                f"TimeoutError: teacher did not answer within teacher_request_timeout=1 s") in result.stdout, \
+            result.stdout + result.stderr[-2000:]

@@ -67,6 +67,8 @@ from pathlib import Path
 
 import torch
 
+from rewards.functions import message_text
+
 
 class RewardModelError(ValueError):
     """A reward model cannot be used as asked: names the model (path or URL) and what to do instead."""
@@ -80,15 +82,13 @@ def without_tokens(text: str, tokens: Sequence[str]) -> str:
 
 def decoded_messages(completion: list[dict], special_tokens: Sequence[str]) -> list[dict]:
     """TRL's conversational completion as the reward model should read it: any `reasoning_content` put
-    back into the content as the policy generated it (`<think>\\n...\\n</think>\\n` first), so every
-    template renders the same reply; and the reward model's special tokens removed from the content."""
+    back into the content as the policy generated it (`rewards.functions.message_text`, the one place
+    every reward reads a reply), so every template renders the same reply; and the reward model's special
+    tokens removed from the content."""
     messages = []
     for message in completion:
-        reasoning = message.get("reasoning_content")
+        content = message_text(message) if message.get("reasoning_content") else message.get("content")
         message = {k: v for k, v in message.items() if k != "reasoning_content"}
-        content = message.get("content")
-        if reasoning:
-            content = f"<think>\n{reasoning.strip()}\n</think>\n{content or ''}"
         if isinstance(content, str):
             content = without_tokens(content, special_tokens)
         messages.append({**message, "content": content})

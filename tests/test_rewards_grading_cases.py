@@ -70,6 +70,9 @@ SYMBOLIC = [
     ('\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}', '\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 4 & 3 \\end{pmatrix}}', 0.0),
     ('\\text{even}', 'The function is even.', 1.0),
     ('\\text{even}', '\\boxed{\\text{odd}}', 0.0),
+    # The negation guard of deviation 11 (math_grader._text_matches): the gold's words, negated, are no answer.
+    ('\\text{even}', 'The function is odd, not even.', 0.0),
+    ('odd', 'The number is even, not odd.', 0.0),
     ('Monday', 'So the party is on Monday.', 1.0),
     ('\\text{no solution}', 'There is \\boxed{\\text{no solution}}.', 1.0),
     ('3 + 2i', '$3 + 2i$', 1.0),

@@ -6,7 +6,8 @@ A reward function is a plain function, as in TRL's GRPOTrainer and open-r1
     fn(completions, **columns) -> list[float | None]
 
 `completions` are strings, or TRL conversational completions (lists of {"role", "content"}
-messages, of which the last one is graded); `columns` are the dataset's other columns, one value per
+messages, of which the last one is graded, any `reasoning_content` TRL's reply parser split off put
+back in front of its content: `completion_text`); `columns` are the dataset's other columns, one value per
 completion (e.g. `answer`), plus TRL's `completion_ids` when it passes them. `None` means "cannot
 score this one" (e.g. an unparseable gold answer), never a silent 0 or 1.
 

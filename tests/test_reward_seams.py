@@ -128,9 +128,9 @@ def test_every_reward_and_the_reward_model_see_the_think_block_through_trls_repl
         policy, tokenizer, tmp_path, reward_model_dir):
     recorders = {name: Recorder(name, fn) for name, fn in REWARD_FUNCS.items() if name != "accuracy"}
     scorer = reward_model_reward(str(reward_model_dir))
-    scored_texts = []
-    score_texts = scorer.score_texts
-    scorer.score_texts = lambda texts: scored_texts.extend(texts) or score_texts(texts)
+    scored_texts = []  # what the reward model reads, decoded from the ids it scores
+    score_ids = scorer.score_ids
+    scorer.score_ids = lambda ids: scored_texts.extend(scorer.tokenizer.batch_decode(ids)) or score_ids(ids)
     recorders["reward_model"] = Recorder("reward_model", scorer)
     trainer = grpo_step(policy, tokenizer, tmp_path, list(recorders.values()))
 

@@ -36,7 +36,7 @@ from core.recipe import parse_recipe, resolved_recipe
 from core.vllm import use_vllm_for
 from rewards.config import EvaluateConfig
 from rewards.functions import REWARD_FUNCS, compute_rewards, summarize, weighted_total
-from rewards.suites import RewardSuite, get_suite, load_rows
+from rewards.suites import RewardSuite, get_suite, limited_reward_kwargs, load_rows
 from rewards.verifier_pool import configure_default_pool
 
 
@@ -83,15 +83,34 @@ def eos_token_ids(model_path: str, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def score_samples(suite: RewardSuite, rows: list[dict], samples: list[list[Sample]], texts: list[list[str]],
-                  conversational: bool) -> dict[str, list[float | None]]:
-    """Every reward of the suite for every sample, flattened prompt-major (row 0's samples first)."""
-    completions = [[{"role": "assistant", "content": t}] if conversational else t for ts in texts for t in ts]
+def trl_completions(tokenizer, prompts: list[list[int]], samples: list[list[Sample]],
+                    conversational: bool) -> tuple[list, list[list[int]]]:
+    """(completions, completion_ids), flattened prompt-major, as TRL 1.16's GRPOTrainer hands them to reward
+    functions (`GRPOTrainer._generate`), so a completion gets the same reward here as in GRPO (issue 30):
+    completion_ids end with the EOS token that stopped them (TRL keeps it; our samples cut it off), and
+    conversational completions go through TRL's reply parser when the tokenizer has one (every template
+    `chat_templates.install` sets up), else are decoded without special tokens, as TRL decodes them."""
+    ids = [s.token_ids + ([] if s.eos_token_id is None else [s.eos_token_id]) for ss in samples for s in ss]
+    prefixes = [prompt for prompt, ss in zip(prompts, samples, strict=True) for _ in ss]
+    if conversational and tokenizer.response_template is not None:
+        from trl.chat_template_utils import parse_response
+
+        return [[parse_response(tokenizer, i, prefix=prefix)] for i, prefix in zip(ids, prefixes)], ids
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return ([[{"role": "assistant", "content": t}] for t in texts] if conversational else texts), ids
+
+
+def score_samples(suite: RewardSuite, rows: list[dict], samples: list[list[Sample]], tokenizer,
+                  prompts: list[list[int]], conversational: bool, max_new_tokens: int) -> dict[str, list[float | None]]:
+    """Every reward of the suite for every sample, flattened prompt-major (row 0's samples first), called as
+    GRPO calls it: TRL's completion format and completion_ids (`trl_completions`), and the knobs bound to
+    this evaluation's generation limit as GRPO binds them to its own (`rewards.suites.limited_reward_kwargs`)."""
+    completions, completion_ids = trl_completions(tokenizer, prompts, samples, conversational)
     columns = {name: [row[name] for row, ss in zip(rows, samples) for _ in ss]
                for name in rows[0] if name != "prompt"}
-    columns["completion_ids"] = [s.token_ids for ss in samples for s in ss]
-    funcs = {name: functools.partial(REWARD_FUNCS[name], **suite.reward_kwargs.get(name, {}))
-             for name in suite.reward_weights}
+    columns["completion_ids"] = completion_ids
+    kwargs = limited_reward_kwargs(suite.reward_kwargs, max_new_tokens)
+    funcs = {name: functools.partial(REWARD_FUNCS[name], **kwargs.get(name, {})) for name in suite.reward_weights}
     return compute_rewards(funcs, completions, **columns)
 
 
@@ -156,7 +175,8 @@ def evaluate_model(model_path: str, config: EvaluateConfig, suite: RewardSuite, 
         config.vllm_kv_cache_memory_bytes)
     # One decode for both backends (vLLM's incremental detokenizer may differ in whitespace).
     texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
-    rewards = score_samples(suite, rows, samples, texts, conversational)
+    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], config.use_chat_template)
+    rewards = score_samples(suite, rows, samples, tokenizer, prompts, conversational, settings.max_new_tokens)
     records = []
     for row_index, (row, row_texts) in enumerate(zip(rows, texts)):
         for sample_index, text in enumerate(row_texts):

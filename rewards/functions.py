@@ -6,7 +6,8 @@ A reward function is a plain function, as in TRL's GRPOTrainer and open-r1
     fn(completions, **columns) -> list[float | None]
 
 `completions` are strings, or TRL conversational completions (lists of {"role", "content"}
-messages, of which the last one is graded); `columns` are the dataset's other columns, one value per
+messages, of which the last one is graded, any `reasoning_content` TRL's reply parser split off put
+back in front of its content: `completion_text`); `columns` are the dataset's other columns, one value per
 completion (e.g. `answer`), plus TRL's `completion_ids` when it passes them. `None` means "cannot
 score this one" (e.g. an unparseable gold answer), never a silent 0 or 1.
 
@@ -40,16 +41,45 @@ from rewards.verifier_pool import default_pool
 
 RewardFunction = Callable[..., list[float | None]]
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 class RewardContractError(ValueError):
     """A reward function broke the contract: wrong number of values, or a value that is not a number."""
 
 
 def completion_text(completion: str | list[dict]) -> str:
-    """The text to grade: the string itself, or the content of a conversation's last message."""
+    """What the model wrote, think block included: the string itself, or a conversation's last message
+    as `message_text` puts it back together."""
     if isinstance(completion, str):
         return completion
-    return completion[-1]["content"] if completion else ""
+    return message_text(completion[-1]) if completion else ""
+
+
+def message_text(message: dict) -> str:
+    """One assistant message as the model generated it: `content`, with the think block in front of it
+    when a reply parser split it off into `reasoning_content`.
+
+    TRL 1.16's GRPOTrainer runs completions through `parse_response` when the tokenizer has a reply parser
+    (every template `chat_templates.install` sets up, FACTS.md), and Qwen 3's parser, which ours reuse,
+    moves `<think>...</think>` into `reasoning_content`; reading `content` alone, every think-block reward
+    scored 0 or None in GRPO (issue 30). The parser strips the whitespace around the think text and after
+    `</think>`, so the block is written back as DeepSeek-R1's and SmolLM3's templates write it,
+    `<think>\n{reasoning}\n</think>\n{content}`; that whitespace is the one thing not as generated. A
+    parser that kept the tags in `reasoning_content` gets them back once, not twice. (An unclosed think
+    block, cut off by the length limit, also parses into `reasoning_content`: it comes back closed.)
+    """
+    content = message.get("content") or ""
+    reasoning = message.get("reasoning_content")
+    if not reasoning:  # TRL's parser leaves out an empty field
+        return content
+    reasoning = reasoning.strip("\n")
+    if not reasoning.startswith(THINK_OPEN):
+        reasoning = f"{THINK_OPEN}\n{reasoning}"
+    if not reasoning.endswith(THINK_CLOSE):
+        reasoning = f"{reasoning}\n{THINK_CLOSE}"
+    content = content.lstrip("\n")
+    return f"{reasoning}\n{content}"
 
 
 def accuracy(completions: Sequence, answer: Sequence, **columns) -> list[float | None]:

@@ -64,8 +64,8 @@ def main() -> None:
 
     from rewards.math_grader import grade
 
-    # math-verify's own signal timeouts (whole seconds) stop slow Python code politely, a second
-    # before the pool's kill (the hard limit, which also stops C-level arithmetic) would cost a restart.
+    # The per-call limits of math_grader (CPU time) stop slow Python code politely, a second before
+    # the pool's kill (the hard limit, which also stops C-level arithmetic) would cost a restart.
     signal_timeout_s = max(1, math.ceil(item_timeout_s) - 1)
     hang_marker = _fault_switch()("grading_hang")
     protocol.write(b'{"status": "ready"}\n')

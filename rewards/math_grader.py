@@ -55,14 +55,19 @@ whitespace and `+-*/^()×÷` (math_verify/parser.py, `lazy_expr_regex`), never n
 """
 
 import bisect
+import contextlib
 import logging
 import re
+import signal
 
 import sympy
 from latex2sympy2_extended.logic import And
 from math_verify import LatexExtractionConfig, parse, verify
 
 logger = logging.getLogger(__name__)
+# math-verify says once per process that its timeouts are off: they are, for `_cpu_time_limit`'s.
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(lambda record: "Timeout is disabled" not in record.getMessage())
 
 # Relative tolerance for numeric answers that are not both rational (e.g. a gold `\frac{1}{3}` and an
 # answer `0.333333`, off by 1e-6 relative: six significant digits pass, as math-verify's rounding meant).
@@ -104,13 +109,14 @@ _TEXT_ANSWER = re.compile(r"\(?[a-z][a-z' -]*\)?")
 _NEGATIONS = {"not", "no", "never", "isn't", "isnt", "cannot", "nor", "neither"}
 
 
-def grade(gold: str, completion: str, timeout_s: int = 5) -> float | None:
+def grade(gold: str, completion: str, timeout_s: float = 5) -> float | None:
     """1.0 if `completion`'s final answer equals `gold`, 0.0 if not, None if `gold` cannot be parsed.
 
-    `timeout_s` is passed to math-verify's own (signal-based) timeouts, which catch slow Python
-    code; the pool's hard kill catches what they cannot (C-level big-integer arithmetic).
+    `timeout_s` bounds each math-verify call in CPU time (`_cpu_time_limit`), which catches slow Python
+    code; the pool's hard kill catches what it cannot (C-level big-integer arithmetic). Main thread only
+    (a signal handler), as math-verify's own timeouts.
     """
-    gold_parsed = parse(_repair_latex(_gold_as_latex(gold)), parsing_timeout=timeout_s)
+    gold_parsed = _parse(_repair_latex(_gold_as_latex(gold)), timeout_s)
     # A gold that math-verify could only keep as the raw string (its "first_match" fallback) is not
     # understood: grading against it would be string equality at best, so it cannot be scored.
     if not any(isinstance(item, (sympy.Basic, sympy.MatrixBase)) for item in gold_parsed):
@@ -120,6 +126,52 @@ def grade(gold: str, completion: str, timeout_s: int = 5) -> float | None:
     if answers is None:
         return float(_untagged_answer_agrees(gold_parsed, gold_words, completion, timeout_s))
     return float(_tagged_answers_agree(gold_parsed, gold_words, answers, timeout_s))
+
+
+class _CpuTimeout(BaseException):
+    """Raised by `_cpu_time_limit` (a BaseException, as math-verify's TimeoutException, so that no
+    `except Exception` inside math-verify or sympy swallows it)."""
+
+
+@contextlib.contextmanager
+def _cpu_time_limit(seconds: float):
+    """Raise _CpuTimeout once this process has spent `seconds` of CPU time inside the block.
+
+    math-verify's own timeouts are `signal.alarm`, wall time: on a loaded machine a gold that parses in
+    0.1 s of CPU ran past a 1 s alarm, parsed as nothing, and was graded None ("cannot be scored"; issue
+    30, 4 verdicts of the grading table under load). CPU time (ITIMER_PROF) is what the item costs,
+    however long it waits for a CPU.
+    """
+    def expire(signum, frame):
+        raise _CpuTimeout
+
+    previous = signal.signal(signal.SIGPROF, expire)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def _parse(text: str, timeout_s: float, **kwargs) -> list:
+    """math-verify's `parse` within `timeout_s` of CPU time; a timeout parses as nothing (math-verify's own answer)."""
+    try:
+        with _cpu_time_limit(timeout_s):
+            return parse(text, parsing_timeout=None, **kwargs)
+    except _CpuTimeout:
+        logger.warning("parsing ran past %s s of CPU time; read as no answer: %.200r", timeout_s, text)
+        return []
+
+
+def _verify(gold_parsed: list, answer_parsed: list, timeout_s: float) -> bool:
+    """math-verify's `verify` within `timeout_s` of CPU time; a timeout is no match (math-verify's own answer)."""
+    try:
+        with _cpu_time_limit(timeout_s):
+            return verify(gold_parsed, answer_parsed, timeout_seconds=None)
+    except _CpuTimeout:
+        logger.warning("verifying ran past %s s of CPU time; read as no match", timeout_s)
+        return False
 
 
 def tagged_answers(completion: str) -> list[tuple[str, str]] | None:
@@ -180,15 +232,15 @@ def _untagged_answer_agrees(gold_parsed: list, gold_words: str | None, text: str
         return False
     # Deviation 10: the last sentence that states an answer must agree too.
     for sentence in reversed(sentences):
-        parsed = parse(sentence, parsing_timeout=timeout_s)
+        parsed = _parse(sentence, timeout_s)
         if any(isinstance(item, (sympy.Basic, sympy.MatrixBase)) for item in parsed):
             return _verifies(gold_parsed, sentence, timeout_s)
     return True
 
 
 def _verifies(gold_parsed: list, text: str, timeout_s: int) -> bool:
-    answer_parsed = parse(text, parsing_timeout=timeout_s)
-    if not answer_parsed or not verify(gold_parsed, answer_parsed, timeout_seconds=timeout_s):
+    answer_parsed = _parse(text, timeout_s)
+    if not answer_parsed or not _verify(gold_parsed, answer_parsed, timeout_s):
         return False
     if _unparseable_maths(text, timeout_s):
         return False
@@ -199,8 +251,7 @@ def _unparseable_maths(text: str, timeout_s: int) -> bool:
     """Deviation 8: the text has LaTeX maths and math-verify's LaTeX reading finds nothing in it."""
     if not (_MATHS_SPAN.search(text) or _BOXED.search(text)):
         return False
-    latex = parse(text, extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback",
-                  parsing_timeout=timeout_s)
+    latex = _parse(text, timeout_s, extraction_config=[LatexExtractionConfig()], fallback_mode="no_fallback")
     return not latex
 
 

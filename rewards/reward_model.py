@@ -26,9 +26,11 @@ What is scored is what the reward model was trained on (rl/reward_model.py, TRL'
     boundary: a policy could then write a fake "assistant" turn for the reward model to score.
 Scores are computed in batches of `batch_size` under `torch.inference_mode`, on the trainer's device
 (accelerate's `PartialState().device`: this process's GPU under `accelerate launch`, else the CPU),
-where the model is moved on the first call. `normalize=True` returns (score - mean) / (std + 1e-6)
-over the completions of one call (the batch GRPO scores at once), so a reward model's scale does
-not swamp the 0/1 verifiable rewards it is weighted against.
+where the model is moved on the first call; token ids as training tokenised them (`encode`: strings
+with the tokenizer's special tokens, BOS included, rendered conversations with the template's own).
+`normalize=True` returns (score - mean) / (std + 1e-6) over the completions of one call on every
+process (the batch GRPO scores at once, gathered over torch.distributed), so a reward model's scale
+does not swamp the 0/1 verifiable rewards it is weighted against.
 
 Served from another process, so that a large reward model does not sit in trainer memory:
 
@@ -67,6 +69,8 @@ from pathlib import Path
 
 import torch
 
+from rewards.functions import message_text
+
 
 class RewardModelError(ValueError):
     """A reward model cannot be used as asked: names the model (path or URL) and what to do instead."""
@@ -80,15 +84,13 @@ def without_tokens(text: str, tokens: Sequence[str]) -> str:
 
 def decoded_messages(completion: list[dict], special_tokens: Sequence[str]) -> list[dict]:
     """TRL's conversational completion as the reward model should read it: any `reasoning_content` put
-    back into the content as the policy generated it (`<think>\\n...\\n</think>\\n` first), so every
-    template renders the same reply; and the reward model's special tokens removed from the content."""
+    back into the content as the policy generated it (`rewards.functions.message_text`, the one place
+    every reward reads a reply), so every template renders the same reply; and the reward model's special
+    tokens removed from the content."""
     messages = []
     for message in completion:
-        reasoning = message.get("reasoning_content")
+        content = message_text(message) if message.get("reasoning_content") else message.get("content")
         message = {k: v for k, v in message.items() if k != "reasoning_content"}
-        content = message.get("content")
-        if reasoning:
-            content = f"<think>\n{reasoning.strip()}\n</think>\n{content or ''}"
         if isinstance(content, str):
             content = without_tokens(content, special_tokens)
         messages.append({**message, "content": content})
@@ -145,8 +147,23 @@ class LocalRewardModel:
                                                             **(kwargs or {})))
         return texts
 
-    @torch.inference_mode()
+    def encode(self, completions: Sequence, prompts: Sequence | None = None,
+               chat_template_kwargs: Sequence | None = None) -> list[list[int]]:
+        """The token ids the reward model reads for each completion: `texts`, tokenised exactly as training
+        tokenised them (rl/reward_model.py `tokenize_pair`, TRL's RewardTrainer). A rendered conversation
+        carries the template's own BOS (no special tokens added); a plain string gets the tokenizer's
+        special tokens, as `tokenizer(prompt + chosen + eos)` added them in training: scoring without them
+        read a Llama-style reward model's strings without the BOS it was trained with (issue 30)."""
+        texts = self.texts(completions, prompts, chat_template_kwargs)
+        return [self.tokenizer(text, add_special_tokens=isinstance(completion, str))["input_ids"]
+                for text, completion in zip(texts, completions)]
+
     def score_texts(self, texts: list[str]) -> list[float]:
+        """Scores of rendered conversations (`texts` of conversational completions)."""
+        return self.score_ids([self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts])
+
+    @torch.inference_mode()
+    def score_ids(self, ids: list[list[int]]) -> list[float]:
         if not self._on_device:
             from accelerate import PartialState
 
@@ -154,16 +171,15 @@ class LocalRewardModel:
             self._on_device = True
         device = next(self.model.parameters()).device
         scores = []
-        for start in range(0, len(texts), self.batch_size):
-            # add_special_tokens=False: the template wrote its own BOS where it has one (as TRL does).
-            batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                   padding_side="right", add_special_tokens=False).to(device)
+        for start in range(0, len(ids), self.batch_size):
+            batch = self.tokenizer.pad({"input_ids": ids[start:start + self.batch_size]}, return_tensors="pt",
+                                       padding_side="right").to(device)
             scores.extend(self.model(**batch).logits[:, 0].float().tolist())
         return scores
 
     def __call__(self, completions: Sequence, prompts: Sequence | None = None,
                  chat_template_kwargs: Sequence | None = None, **columns) -> list[float | None]:
-        scores = self.score_texts(self.texts(completions, prompts, chat_template_kwargs))
+        scores = self.score_ids(self.encode(completions, prompts, chat_template_kwargs))
         return normalized(scores) if self.normalize else scores
 
 
@@ -202,11 +218,26 @@ class ServedRewardModel:
 
 
 def normalized(scores: list[float]) -> list[float]:
-    """(score - mean) / (std + 1e-6) over one call's completions (population std). A single completion
-    normalises to 0.0: alone, it is neither better nor worse than its batch."""
-    mean = sum(scores) / len(scores)
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    """(score - mean) / (std + 1e-6), mean and population std over the whole batch GRPO scores at once:
+    this call's completions on every process (`gathered`). Per process, the completions of one GRPO group
+    split over two processes were scaled differently (issue 30). A single completion normalises to 0.0:
+    alone, it is neither better nor worse than its batch."""
+    batch = gathered(scores)
+    mean = sum(batch) / len(batch)
+    std = math.sqrt(sum((s - mean) ** 2 for s in batch) / len(batch))
     return [(s - mean) / (std + 1e-6) for s in scores]
+
+
+def gathered(scores: list[float]) -> list[float]:
+    """The scores of this call on every process, in rank order, when torch.distributed is initialised (TRL
+    calls each reward function on every process at every step); else `scores`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return scores
+    everyone: list[list[float] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(scores))
+    return [score for part in everyone for score in part]
 
 
 def reward_model_reward(path: str | None = None, *, url: str | None = None, normalize: bool = False,
@@ -282,8 +313,8 @@ def make_server(model: LocalRewardModel, host: str = "127.0.0.1", port: int = 0)
                 return
             try:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                scores = model.score_texts(model.texts(request["completions"], request.get("prompts"),
-                                                       request.get("chat_template_kwargs")))
+                scores = model.score_ids(model.encode(request["completions"], request.get("prompts"),
+                                                      request.get("chat_template_kwargs")))
             except Exception as error:  # the client raises it with this message: name the cause
                 self._reply(400 if isinstance(error, (KeyError, ValueError, TypeError)) else 500,
                             {"error": f"{type(error).__name__}: {error}"})

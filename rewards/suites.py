@@ -147,8 +147,9 @@ SUITES: dict[str, RewardSuite] = {
         description="single-digit a+b and a*b facts, built in (the tiny recipes' task)",
         load=arithmetic_rows,
         reward_weights={"accuracy": 1.0, "answer_consistency": 0.5, "soft_overlong_punishment": 0.1},
+        # The penalty ramps over the last 4 tokens before the generation limit (`limited_reward_kwargs`).
+        reward_kwargs={"soft_overlong_punishment": {"soft_punish_cache": 4}},
         # The answers are at most 2 digits: 8 tokens is room to answer and stop.
-        reward_kwargs={"soft_overlong_punishment": {"max_completion_len": 8, "soft_punish_cache": 4}},
         max_new_tokens=8,
     ),
     "gsm8k": RewardSuite(
@@ -166,6 +167,22 @@ SUITES: dict[str, RewardSuite] = {
         max_new_tokens=1024,
     ),
 }
+
+
+def limited_reward_kwargs(kwargs: dict[str, dict], max_completion_length: int,
+                          explicit: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The reward knobs by name as a stage that generates at most `max_completion_length` tokens binds them.
+
+    DAPO's L_max is the generation limit (Yu et al. 2025, eq. 13: the overlong penalty ramps up over the
+    last soft_punish_cache tokens before the cut-off), so `soft_overlong_punishment`'s `max_completion_len`
+    is the stage's own limit unless `explicit` (a recipe's `reward_kwargs`) sets it. GRPO (rl/data.py) and
+    rewards.evaluate both bind it here: a suite's fixed 8 against evaluation's 64-token replies scored every
+    12-token reply -1 there and 0 in GRPO (issue 30)."""
+    bound = {name: dict(knobs) for name, knobs in kwargs.items()}
+    if "soft_overlong_punishment" in bound:
+        chosen = (explicit or {}).get("soft_overlong_punishment", {}).get("max_completion_len")
+        bound["soft_overlong_punishment"]["max_completion_len"] = max_completion_length if chosen is None else chosen
+    return bound
 
 
 def get_suite(name: str) -> RewardSuite:

@@ -1,4 +1,4 @@
-"""A pool of worker processes that grade math answers with a hard wall-clock limit per item.
+"""A pool of worker processes that grade math answers with a hard time limit per item.
 
 math-verify cannot bound its own time from where a trainer calls it (../shared/FACTS.md): its
 timeouts use `signal.alarm`, which raises in any thread but the main one, and which cannot
@@ -18,6 +18,14 @@ script without an `if __name__ == "__main__"` guard would run again) and, forked
 trainer's live threads. A worker takes about a second to import math-verify; it starts in the
 background and an item's clock starts only when a ready worker receives it.
 
+A reward must not depend on how busy the machine is (issue 30: with other jobs running, an independent
+grading table got 4 None verdicts, 0 when idle; reproduced here with 12 busy loops on 2 cores, item limit
+2 s). So the limits count time on each worker's own clock (`_Worker.clock`: wall time less the time
+it waited for a CPU), the limit of a worker's start-up is separate from its items', and math-verify's own
+per-call timeouts inside a worker count its CPU time (rewards/math_grader.py), not wall time. A batch
+without an explicit `batch_timeout_s` has no wall-clock budget: on a loaded machine it is slower, and
+its verdicts are the idle machine's.
+
 Every worker is started by ONE long-lived thread that the pool owns (its spawner), never by the
 calling thread: a worker asks Linux to SIGKILL it when its parent dies (PR_SET_PDEATHSIG), and
 "parent" means the *thread* that started it. A pool started, or a worker replaced, from a
@@ -34,7 +42,6 @@ import atexit
 import collections
 import json
 import logging
-import math
 import multiprocessing.connection
 import os
 import queue
@@ -78,8 +85,8 @@ class Outcome:
 
     status: "ok" (value is math_grader.grade's result: 1.0, 0.0 or None for an unparseable gold),
     "timeout" (the item ran past the per-item limit and its worker was killed), "budget" (the
-    batch's time ran out before the item finished or started), "error" (the worker raised or died;
-    `error` says what).
+    batch's `batch_timeout_s` ran out before the item finished or started, or no worker could start),
+    "error" (the worker raised or died; `error` says what).
     """
 
     status: Literal["ok", "timeout", "budget", "error"]
@@ -97,6 +104,27 @@ class _Worker:
         )
         self.ready = False  # True once it has imported math-verify and said so
         self._buffer = b""
+        self.start_clock()  # its start-up, until it receives an item
+
+    def start_clock(self) -> None:
+        self._clock_start = (time.monotonic(), self._queued_seconds())
+
+    def clock(self) -> float:
+        """Seconds since `start_clock` that this worker ran or slept, less the time it waited for a CPU
+        (Linux's /proc/<pid>/schedstat; plain wall time elsewhere). Its limits count on this clock: on a busy
+        machine a worker waits for a CPU, and counted in wall time, the same item timed out under load that
+        graded fine when idle (issue 30: 4 None verdicts of an independent grading table with other jobs
+        running, 0 idle). A compute bomb runs, and a hang sleeps: both still count."""
+        started, queued = self._clock_start
+        return time.monotonic() - started - (self._queued_seconds() - queued)
+
+    def _queued_seconds(self) -> float:
+        """Seconds this worker's (single) thread has waited on a run queue so far; 0.0 where unknown."""
+        try:
+            with open(f"/proc/{self.process.pid}/schedstat", "rb") as stats:
+                return int(stats.read().split()[1]) / 1e9  # on-CPU ns, run-queue wait ns, time slices
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def fileno(self) -> int:  # for multiprocessing.connection.wait
         return self.process.stdout.fileno()
@@ -127,12 +155,13 @@ class _Worker:
         self.process.stdout.close()
 
 
-# How long a call without its own budget waits for a worker to finish starting before grading starts.
+# How long a worker may take to start (import math-verify and sympy: about a second idle), on its clock
+# (`_Worker.clock`), before a call gives up on it.
 WORKER_START_TIMEOUT_S = 120.0
 
 
 class VerifierPool:
-    """`num_workers` grading processes; each item gets at most `item_timeout_s` seconds of wall clock.
+    """`num_workers` grading processes; each item gets at most `item_timeout_s` seconds on its worker's clock.
 
     num_workers: default `default_num_workers()` (this process's share of the CPUs, at most
     MAX_DEFAULT_WORKERS).
@@ -158,47 +187,32 @@ class VerifierPool:
         for _ in range(self.num_workers):  # they import math-verify in the background from now on
             self._idle.put(self._spawn())
 
-    def default_batch_timeout_s(self, num_items: int, num_workers: int | None = None) -> float:
-        """Time for `num_items` that all run to the per-item limit on `num_workers` workers (default:
-        all of them), plus one limit for worker starts: a batch that ends sooner lost nothing to the budget."""
-        return self.item_timeout_s * (math.ceil(num_items / (num_workers or self.num_workers)) + 1)
-
     def grade_batch(self, pairs: Sequence[tuple[str, str]], batch_timeout_s: float | None = None) -> list[Outcome]:
         """Grade (gold, completion) pairs in parallel.
 
-        With `batch_timeout_s`, returns within it (+ kill time), waiting for idle workers included.
-        Without, the budget is `default_batch_timeout_s` for the workers this call could borrow,
-        counted from when it got them: callers that share the pool wait their turn instead of losing
-        items to a budget sized for workers they never had. Items still unfinished when the batch's
-        time is up get Outcome("budget").
+        Each item gets `item_timeout_s` on its worker's clock (`_Worker.clock`: waiting for a CPU does not
+        count), and a worker's start-up WORKER_START_TIMEOUT_S on its own, so a verdict does not depend on
+        how busy the machine is. With `batch_timeout_s`, the call returns within it (+ kill time), in wall
+        time, waiting for idle workers included, and items unfinished by then get Outcome("budget").
+        Without, it waits as long as its items need: each is bounded by its own limit, so callers that
+        share the pool wait their turn, and a busy machine makes a batch slower, never its verdicts None.
         """
         if self._closed:
             raise RuntimeError("this VerifierPool was closed")
         if not pairs:
             return []
-        if batch_timeout_s is None:
-            # Wait for a first idle worker as long as it takes: every call returns its workers within
-            # its own budget, so this ends (or the pool is closed).
-            borrowed = self._borrow(len(pairs), deadline=None)
-        else:
-            batch_deadline = time.monotonic() + batch_timeout_s
-            borrowed = self._borrow(len(pairs), batch_deadline)
+        batch_deadline = None if batch_timeout_s is None else time.monotonic() + batch_timeout_s
+        # Without a budget, wait for a first idle worker as long as it takes: every call returns its workers
+        # once its items are done (or the pool is closed).
+        borrowed = self._borrow(len(pairs), batch_deadline)
         outcomes: list[Outcome | None] = [None] * len(pairs)
         pending = collections.deque(range(len(pairs)))
         free = [worker for worker in borrowed if worker.ready]
         starting = [worker for worker in borrowed if not worker.ready]
-        running: dict[_Worker, tuple[int, float]] = {}  # worker -> (item index, its deadline)
-        if batch_timeout_s is None:
-            # A worker's start (importing math-verify and sympy: seconds, many more on a busy machine) is
-            # not grading time: the default budget starts once a borrowed worker is ready. Measured: a
-            # fresh pool's first batch lost every item to the budget in a full test run.
-            start_by = time.monotonic() + WORKER_START_TIMEOUT_S
-            while starting and not free and time.monotonic() < start_by:
-                for worker in multiprocessing.connection.wait(starting, timeout=max(0.0, start_by - time.monotonic())):
-                    self._receive(worker, running, starting, free, outcomes)
-            batch_deadline = time.monotonic() + self.default_batch_timeout_s(len(pairs), max(1, len(borrowed)))
+        running: dict[_Worker, int] = {}  # worker -> the index of its item
+        free_later: list[_Worker] = []  # replacements this call does not wait for
         try:
-            while (pending or running) and time.monotonic() < batch_deadline:
+            while (pending or running) and (batch_deadline is None or time.monotonic() < batch_deadline):
                 while pending and free:
                     worker, index = free.pop(), pending.popleft()
                     try:
@@ -207,17 +221,26 @@ class VerifierPool:
                         outcomes[index] = Outcome("error", error=f"grading worker died: {error!r}")
                         self._replace(worker, starting)
                         continue
-                    running[worker] = (index, time.monotonic() + self.item_timeout_s)
+                    worker.start_clock()
+                    running[worker] = index
+                for worker in [w for w in starting if w.clock() >= WORKER_START_TIMEOUT_S]:
+                    # Never became ready: this call gives up on it; the pool gets a fresh one for later calls.
+                    starting.remove(worker)
+                    logger.warning("grading worker %d did not start within %.0f s; replaced", worker.process.pid,
+                                   WORKER_START_TIMEOUT_S)
+                    self._replace(worker, free_later)
                 if not running and not starting:
-                    break  # nothing left to wait for (no worker could be borrowed in time)
-                wait_until = min([batch_deadline, *(deadline for _, deadline in running.values())])
-                ready = multiprocessing.connection.wait([*running, *starting],
-                                                        timeout=max(0.0, wait_until - time.monotonic()))
+                    break  # nothing left to wait for (no worker could be borrowed or started in time)
+                # Until the first limit could be reached: clocks run no faster than wall time.
+                limits = [self.item_timeout_s - worker.clock() for worker in running]
+                limits += [WORKER_START_TIMEOUT_S - worker.clock() for worker in starting]
+                if batch_deadline is not None:
+                    limits.append(batch_deadline - time.monotonic())
+                ready = multiprocessing.connection.wait([*running, *starting], timeout=max(0.0, min(limits)))
                 for worker in ready:
                     self._receive(worker, running, starting, free, outcomes)
-                now = time.monotonic()
-                for worker, (index, deadline) in list(running.items()):
-                    if now >= deadline:
+                for worker, index in list(running.items()):
+                    if worker.clock() >= self.item_timeout_s:
                         del running[worker]
                         outcomes[index] = Outcome("timeout")
                         self._replace(worker, starting)
@@ -225,7 +248,7 @@ class VerifierPool:
             # Workers still busy when the batch's time ran out (or the caller was interrupted).
             for worker in running:
                 self._replace(worker, starting)
-            for worker in free + starting:
+            for worker in free + starting + free_later:
                 if self._closed:  # closed while this call held them
                     worker.kill()
                 else:
@@ -261,15 +284,14 @@ class VerifierPool:
                 starting.remove(worker)
                 raise RuntimeError(f"a grading worker failed to start ({error}); its error is printed above "
                                    "(stderr): is math-verify installed in this environment?") from error
-            index, _ = running.pop(worker)  # it died on this item, e.g. out of memory
+            index = running.pop(worker)  # it died on this item, e.g. out of memory
             outcomes[index] = Outcome("error", error=f"grading worker died: {error}")
             self._replace(worker, starting)
             return
         if message is None:
             return
         if worker in running:
-            index, _ = running.pop(worker)
-            outcomes[index] = Outcome(**message)
+            outcomes[running.pop(worker)] = Outcome(**message)
         else:
             worker.ready = True
             starting.remove(worker)

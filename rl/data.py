@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from core.sources import labelled_rows
 from rewards.functions import REWARD_FUNCS, RewardFunction, compute_rewards
 from rewards.reward_model import RewardModelSpec
-from rewards.suites import get_suite
+from rewards.suites import get_suite, limited_reward_kwargs
 from rewards.suites import load_rows as load_suite_rows
 
 # Columns TRL passes to every reward function itself (not from the data).
@@ -111,13 +111,8 @@ def reward_setup(cfg) -> tuple[list[str], list[float], dict[str, dict]]:
         if name not in names:
             raise RLDataError(f"reward_kwargs names {name!r}, which is not among reward_funcs {names}")
         kwargs[name].update(extra)
-    if "soft_overlong_punishment" in kwargs:
-        # DAPO's L_max is the generation limit: the penalty ramps up over the last soft_punish_cache tokens
-        # before the cut-off (Yu et al. 2025, eq. 13). So it is this run's max_completion_length, not the
-        # suite's evaluation length, unless the recipe itself sets it.
-        recipe_knobs = (cfg.reward_kwargs or {}).get("soft_overlong_punishment", {})
-        kwargs["soft_overlong_punishment"]["max_completion_len"] = recipe_knobs.get("max_completion_len",
-                                                                                    cfg.max_completion_length)
+    # DAPO's L_max is this run's max_completion_length unless the recipe sets it (as rewards.evaluate binds it).
+    kwargs = limited_reward_kwargs(kwargs, cfg.max_completion_length, cfg.reward_kwargs)
     for name, extra in kwargs.items():
         params = inspect.signature(REWARD_FUNCS[name]).parameters
         bad = [k for k in extra if k not in params or params[k].kind is not inspect.Parameter.KEYWORD_ONLY]

@@ -1,7 +1,9 @@
 """Rollout logging and RL alerts, once per logging step (main process).
 
 - `output_dir/rollouts.jsonl`: per logging step, a sample of `rollout_samples` completions with their
-  prompt, each reward, and the advantage; the same rows go to wandb as a table (`rollouts`) when
+  prompt, each reward, and the advantage (`rollout_rows`). The completion is the whole reply as the
+  rewards read it (`rewards.functions.completion_text`), think block included: TRL's reply parser moves
+  the think block into `reasoning_content`, and the think text is what length hacking grows; the same rows go to wandb as a table (`rollouts`) when
   wandb is on. The numbers next to them are TRL's own, logged to metrics.jsonl:
   `completions/mean_length`, `completions/max_length`, `completions/clipped_ratio` (the fraction of
   truncated completions: no EOS within max_completion_length), `frac_reward_zero_std` (the fraction
@@ -32,9 +34,22 @@ from pathlib import Path
 
 from core.alerts import Alert, AlertLog
 from core.metrics import truncate_after
+from rewards.functions import completion_text
 
 ROLLOUTS_FILE = "rollouts.jsonl"
 ALERTS_FILE = "alerts.jsonl"
+
+
+def rollout_rows(prompts: list, completions: list, rewards: dict[str, list], advantages: list) -> list[dict]:
+    """One row per completion of TRL's logs (`GRPOTrainer._logs`): the prompt's last message, the completion
+    as the model wrote it (think block included, however TRL's parser split it), each reward, the advantage."""
+    rows = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        rows.append({"prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+                     "completion": completion_text(completion),
+                     **{f"reward/{name}": values[i] for name, values in rewards.items()},
+                     "advantage": advantages[i]})
+    return rows
 
 
 class RolloutMonitor:

@@ -60,7 +60,7 @@ from rewards.suites import load_rows as load_suite_rows
 from .config import GRPOConfig
 from .data import (as_conversations, build_reward_models, build_rewards, check_reward_columns, drop_long_prompts,
                    load_prompts, prompt_ids, reward_model_specs, reward_setup)
-from .rollouts import RolloutMonitor
+from .rollouts import RolloutMonitor, rollout_rows
 
 
 class GRPOTrainer(FaultInjectionMixin, SmolForgeVLLMMixin, trl.GRPOTrainer):
@@ -111,15 +111,8 @@ class GRPOTrainer(FaultInjectionMixin, SmolForgeVLLMMixin, trl.GRPOTrainer):
             self.monitor.record(self.state.global_step, logs, rollouts)
 
     def _rollout_rows(self) -> list[dict]:
-        def text(messages):
-            return messages[-1]["content"] if isinstance(messages, list) else messages
-
-        rows = []
-        for i, (prompt, completion) in enumerate(zip(self._logs["prompt"], self._logs["completion"])):
-            rows.append({"prompt": text(prompt), "completion": text(completion),
-                         **{f"reward/{name}": values[i] for name, values in self._logs["rewards"].items()},
-                         "advantage": self._logs["advantages"][i]})
-        return rows
+        return rollout_rows(self._logs["prompt"], self._logs["completion"], self._logs["rewards"],
+                            self._logs["advantages"])
 
 
 def load_tokenizer(cfg: GRPOConfig):

@@ -23,7 +23,7 @@ from rl.reward_model import PreferenceDataError
 from rl.reward_model import main as reward_model_main
 from rl.train import run as rl_run
 
-from conftest import launch_stage, logged_losses, ok, write_recipe
+from conftest import free_port, launch_stage, logged_losses, ok, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -202,6 +202,53 @@ def test_scores_are_batched_on_device_and_normalised_per_call(trained_rm):
     assert plain.texts(["4"], ["2+2="], None) == ["2+2=4" + plain.tokenizer.eos_token]
     with pytest.raises(RewardModelError, match="either as path .* or as url"):
         reward_model_reward(str(path), url="http://127.0.0.1:1")
+
+
+def test_normalisation_is_over_the_batch_of_every_process(tmp_path):
+    """Issue 30: GRPO calls the reward on every process with that process's completions, and one group's
+    completions can sit on two processes. Normalised per process, the same score became a different
+    reward on each; normalised over the batch gathered from both, each gets what one process would give
+    for the whole batch. Two real processes over gloo."""
+    from torch.multiprocessing import spawn
+
+    from reward_model_ranks import normalize_on_rank
+    from rewards.reward_model import normalized
+
+    scores = [[0.0, 1.0, 2.0], [10.0, 11.0]]
+    spawn(normalize_on_rank, args=(2, free_port(), scores, str(tmp_path)), nprocs=2)
+    on_ranks = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert on_ranks[0] + on_ranks[1] == pytest.approx(normalized(scores[0] + scores[1]), abs=1e-9)
+    assert on_ranks[0] != pytest.approx(normalized(scores[0]))  # not what each process alone would give
+
+
+def test_scores_read_the_token_ids_training_read(tmp_path, base):
+    """Issue 30: RewardTrainer trained on `tokenizer(prompt + chosen + eos)` (rl/reward_model.py
+    tokenize_pair), BOS included for a tokenizer that adds one (Llama's), while scoring tokenised strings
+    without special tokens: the model read its strings without the BOS it was trained with."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from rl.reward_model import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"bos_token": "<|bos|>"})
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tokenizer.bos_token_id)])
+    assert tokenizer("2+2=")["input_ids"][0] == tokenizer.bos_token_id  # Llama-style: BOS added
+    torch.manual_seed(0)
+    config = SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config.num_labels = 1
+    SmolForgeForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    score = reward_model_reward(str(tmp_path / "rm"))
+    trained_on = [tokenize_pair({"prompt": "2+2=", "chosen": answer, "rejected": "?"}, score.tokenizer)[0]
+                  for answer in ("4", "5")]
+    assert trained_on[0][0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        expected = [score.model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in trained_on]
+    assert score(["4", "5"], prompts=["2+2=", "2+2="]) == pytest.approx(expected, abs=1e-5)
+    assert score.encode(["4", "5"], ["2+2=", "2+2="]) == trained_on
 
 
 def test_served_reward_model_matches_the_local_one_and_names_errors(trained_rm):

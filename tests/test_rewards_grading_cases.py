@@ -6,11 +6,15 @@ completion's final answer is the gold (in any notation), 0.0 when it is not, or 
 """
 
 import logging
+import os
+import subprocess
+import sys
 
+import psutil
 import pytest
 from math_verify import parse, verify
 
-from rewards.verifier_pool import VerifierPool
+from rewards.verifier_pool import Outcome, VerifierPool
 
 # (gold, completion, expected)
 ISSUE_12 = {
@@ -66,6 +70,9 @@ SYMBOLIC = [
     ('\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}', '\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 4 & 3 \\end{pmatrix}}', 0.0),
     ('\\text{even}', 'The function is even.', 1.0),
     ('\\text{even}', '\\boxed{\\text{odd}}', 0.0),
+    # The negation guard of deviation 11 (math_grader._text_matches): the gold's words, negated, are no answer.
+    ('\\text{even}', 'The function is odd, not even.', 0.0),
+    ('odd', 'The number is even, not odd.', 0.0),
     ('Monday', 'So the party is on Monday.', 1.0),
     ('\\text{no solution}', 'There is \\boxed{\\text{no solution}}.', 1.0),
     ('3 + 2i', '$3 + 2i$', 1.0),
@@ -233,3 +240,45 @@ def test_odd_answers_are_graded_and_never_crash_the_worker():
     assert [(pair, o) for pair, o in zip(pairs, outcomes) if o.status != "ok"] == []
     itself = {gold: outcome.value for (gold, answer), outcome in zip(pairs, outcomes) if gold in answer}
     assert {gold: value for gold, value in itself.items() if value not in (1.0, None)} == {}
+
+
+def busy_loops(count: int, cpu: int, seconds: float) -> list[subprocess.Popen]:
+    """`count` processes that each spin on CPU `cpu` for at most `seconds` (other jobs on a busy machine)."""
+    spin = f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nend = time.monotonic() + {seconds}\n" \
+           "while time.monotonic() < end: pass"
+    return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+
+
+def test_verdicts_on_a_loaded_machine_are_the_idle_machines():
+    """Issue 30: an independent grading table got 4 None verdicts with other jobs running and 0 idle, so a
+    reward depended on how busy the machine was: math-verify's alarm (1 s of wall time at a 2 s item limit)
+    cut off the parse of golds that cost 0.05-0.1 s of CPU (the multi-part answers: None, "gold cannot be
+    parsed"), and the pool's wall-clock kill cut off slow answers.
+
+    The load: the workers share one CPU with four busy loops, at nice 10 (other jobs come first, as on a
+    machine shared with training runs): about 2.5% of a CPU each, a 40x slowdown (measured before the fix: 13
+    of these 30 verdicts wrong, most None), on one CPU only so that the other jobs here keep theirs."""
+    cases = list(ISSUE_12.values()) + MULTI_PART
+    others = grading_workers()
+    pool = VerifierPool(num_workers=2, item_timeout_s=2.0)
+    loops = []
+    try:
+        assert pool.grade_batch([("1", "1"), ("2", "2")]) == [Outcome("ok", 1.0)] * 2  # both workers ready
+        cpu = min(os.sched_getaffinity(0))
+        for worker in grading_workers() - others:
+            worker.cpu_affinity([cpu])
+            worker.nice(10)
+        loops = busy_loops(4, cpu, seconds=300)
+        outcomes = pool.grade_batch([(gold, completion) for gold, completion, _ in cases])
+    finally:
+        pool.close()
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    wrong = [(gold, completion, expected, outcome) for (gold, completion, expected), outcome in zip(cases, outcomes)
+             if outcome != Outcome("ok", expected)]
+    assert wrong == []
+
+
+def grading_workers() -> set[psutil.Process]:
+    return {child for child in psutil.Process().children() if "rewards.grading_worker" in " ".join(child.cmdline())}

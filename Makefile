@@ -9,6 +9,8 @@ STAMP := $(VENV)/.smolforge-installed
 EXTRA ?= $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 DEMO := out/tiny
+# `make demo SEED=1`: the same pipeline with every stage's seed 1, into out/tiny-seed1 (issue 30).
+SEED ?=
 
 .PHONY: install test bench demo clean
 
@@ -33,7 +35,7 @@ test: $(STAMP)
 # every checkpoint on the built-in arithmetic suite, then the report (out/tiny/report.md).
 # A finished stage is skipped; an interrupted one resumes.
 demo: $(STAMP)
-	$(VENV)/bin/smolforge run recipes/tiny/pipeline.yaml
+	$(VENV)/bin/smolforge run recipes/tiny/pipeline.yaml $(if $(SEED),--set seed=$(SEED) --set output_dir=$(DEMO)-seed$(SEED))
 
 bench: $(STAMP)
 	$(PY) bench/core_throughput.py

@@ -19,7 +19,7 @@ import core  # noqa: F401  (registers the core with the Auto classes)
 from core.arithmetic import answer, question, split_of
 from core.recipe import parse_recipe
 from rewards.functions import REWARD_FUNCS
-from rewards.reward_model import reward_model_reward
+from rewards.reward_model_scorer import reward_model_reward
 from rl.config import GRPOConfig
 from rl.train import run
 

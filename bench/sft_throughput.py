@@ -5,8 +5,8 @@
 
 The SFT recipe (default recipes/tiny/sft.yaml: packed bfd rows, assistant-only loss, the qwen3 template)
 is parsed by the stage's own parser, and each model is built the way the stage builds it
-(chat_templates.load_tokenizer, core.lifecycle.load_policy: the template's tokens added, embeddings resized), from a random
-checkpoint of the recipe's shape: our core (the `tiny` preset) or LlamaForCausalLM with the same widths,
+(chat_templates.load_tokenizer, core.lifecycle.load_policy: the template's tokens added, embeddings resized),
+from a random checkpoint of the recipe's shape: our core (the `tiny` preset) or LlamaForCausalLM with the same widths,
 heads, GQA, tied embeddings, RoPE theta and norm epsilon. The stage's SFTTrainer then trains each on the
 same rows for `--warmup` + `--steps` steps; tokens/s counts the tokens TRL feeds the model (its
 `num_tokens`) over the timed steps only. Runs alternate between the two models, the order flipped every

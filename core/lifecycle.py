@@ -154,16 +154,23 @@ def whole_model(trainer):
 
         gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     with gathered:
-        yield model if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            with one_process_alone():
+                yield model
+        else:
+            yield None
         accelerator.wait_for_everyone()
 
 
 @contextlib.contextmanager
-def unpartitioned_loading():
-    """Load a model whole on one process while DeepSpeed ZeRO-3 is on. transformers partitions every model it
-    builds (deepspeed.zero.Init, collective) while its DeepSpeed config is registered, and the Trainer's arguments
-    keep one registered (accelerate's `zero3_init_context_manager` clears only its own): unregistered for the load
-    with transformers' own switch, then put back."""
+def one_process_alone():
+    """Work on one whole model on one process while DeepSpeed ZeRO-3 is on (loading it, generating with it).
+
+    While transformers has a ZeRO-3 config registered (the Trainer's arguments keep one; accelerate's
+    `zero3_init_context_manager` clears only its own), it partitions every model it builds (deepspeed.zero.Init,
+    collective) and `generate` synchronises every step with the other processes (`synced_gpus`): either, on the
+    main process alone, waits forever for the others. Unregistered here with transformers' own switch, then put
+    back."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     reference = hf_deepspeed._hf_deepspeed_config_weak_ref
@@ -192,7 +199,7 @@ def final_model(trainer, cfg, reload):
     state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # every process
     if not accelerator.is_main_process:
         return None
-    with unpartitioned_loading():
+    with one_process_alone():
         model = reload()
     model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state_dict.items()})
     return model
@@ -208,11 +215,12 @@ def finish(trainer, cfg, tokenizer, *, stage: str, reload, stop_ids: list[int] |
         if stop_ids is not None:
             final.generation_config.eos_token_id = stop_ids
             final.generation_config.pad_token_id = tokenizer.pad_token_id
-        if evaluate is not None:
-            metrics.update(evaluate(final))
-        save_checkpoint(cfg.output_dir, final, tokenizer, stage=stage, recipe=resolved_recipe(cfg),
-                        parent=cfg.model_name_or_path if parent is None else parent, data_fingerprint=fingerprint,
-                        metrics=metrics)
+        with one_process_alone():
+            if evaluate is not None:
+                metrics.update(evaluate(final))
+            save_checkpoint(cfg.output_dir, final, tokenizer, stage=stage, recipe=resolved_recipe(cfg),
+                            parent=cfg.model_name_or_path if parent is None else parent,
+                            data_fingerprint=fingerprint, metrics=metrics)
         print(f"final train loss {metrics.get('train_loss', float('nan')):.4f}; model written to {cfg.output_dir}")
     trainer.accelerator.wait_for_everyone()
     return metrics

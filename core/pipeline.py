@@ -1,6 +1,7 @@
 """The pipeline runner: one command from random weights to an evaluated assistant.
 
     smolforge run recipes/tiny/pipeline.yaml [--from sft] [--until rl] [--rerun sft] [--set sft.learning_rate=1e-3]
+    smolforge run recipes/tiny/pipeline.yaml --set seed=1 --set output_dir=out/tiny-seed1   # another seed, run
     smolforge report out/tiny                   # report.md + PNGs, from the run directory alone
     python -m core.pipeline run ...             # the same without the console script
 
@@ -17,6 +18,9 @@ A pipeline file lists stages in order; each runs as its own process (`accelerate
     evaluate:
       greedy: {suite: arithmetic, split: test, temperature: 0, num_samples: 1, max_new_tokens: 64}
       sampled: {suite: arithmetic, split: test, num_samples: 8, max_new_tokens: 64}
+
+`seed` (optional) is given to every stage whose recipe sets `seed`, and to every evaluation; `--set seed=N`
+and `--set output_dir=DIR` change it and the run directory from the command line.
 
 `inputs` maps a field of the stage's recipe to an earlier stage's output directory (`sft`), a file in
 it (`pairs/pairs.jsonl`), or a data source reading that file (`{path: pairs/pairs.jsonl}`); `overrides`
@@ -157,11 +161,39 @@ class Pipeline:
     evaluate: dict[str, dict]  # evaluation name -> rewards.evaluate flags
 
 
+PIPELINE_KEYS = {"output_dir", "seed", "stages", "evaluate"}
+# What `--set KEY=VALUE` (no stage) changes for the whole run: the run directory, and the seed of every stage whose
+# recipe sets one and of every evaluation (issue 30: the demo must pass for seeds 0, 1 and 2, each in its own
+# run directory: `smolforge run recipes/tiny/pipeline.yaml --set seed=1 --set output_dir=out/tiny-seed1`).
+PIPELINE_SETS = ("output_dir", "seed")
+
+
+def apply_pipeline_sets(raw: dict, sets: list[str]) -> list[str]:
+    """Apply the `--set output_dir=...` / `--set seed=N` assignments to the pipeline file's fields; return the
+    per-stage ones (`<stage>.<field>=<value>`)."""
+    per_stage = []
+    for assignment in sets:
+        key, sep, value = assignment.partition("=")
+        if sep and key in PIPELINE_SETS:
+            raw[key] = yaml.safe_load(value)
+        else:
+            per_stage.append(assignment)
+    return per_stage
+
+
+def seeded(stages: list[Stage], seed: int) -> None:
+    """The pipeline's seed for every stage whose recipe sets `seed` (a stage's own override wins)."""
+    for stage in stages:
+        if "seed" in load_recipe_file(stage.config):
+            stage.overrides.setdefault("seed", seed)
+
+
 def load_pipeline(path: str, sets: list[str]) -> Pipeline:
     raw = load_recipe_file(path)
-    unknown = set(raw) - {"output_dir", "stages", "evaluate"}
+    unknown = set(raw) - PIPELINE_KEYS
     if unknown:
-        raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; a pipeline has output_dir, stages, evaluate")
+        raise PipelineError(f"{path}: unknown keys {sorted(unknown)}; a pipeline has {sorted(PIPELINE_KEYS)}")
+    sets = apply_pipeline_sets(raw, sets)
     if "output_dir" not in raw or not raw.get("stages"):
         raise PipelineError(f"{path}: needs output_dir and a non-empty stages list")
     stages = []
@@ -186,12 +218,17 @@ def load_pipeline(path: str, sets: list[str]) -> Pipeline:
         target, sep, value = assignment.partition("=")
         name, dot, key = target.partition(".")
         if not sep or not dot or name not in names:
-            raise PipelineError(f"--set {assignment!r}: write it as <stage>.<field>=<value>, stage one of {names}")
+            raise PipelineError(f"--set {assignment!r}: write it as <stage>.<field>=<value>, stage one of {names}, "
+                                f"or {' / '.join(f'{k}=<value>' for k in PIPELINE_SETS)} for the whole run")
         stages[names.index(name)].overrides[key] = yaml.safe_load(value)
+    evaluate = evaluations(raw.get("evaluate"), path)
+    if raw.get("seed") is not None:
+        seeded(stages, raw["seed"])
+        evaluate = {name: {**flags, "seed": flags.get("seed", raw["seed"])} for name, flags in evaluate.items()}
     run_dir = Path(raw["output_dir"])
     for index, stage in enumerate(stages):
         stage.upstream = upstream_stages(stage, run_dir, names[:index], names[index + 1:], path)
-    return Pipeline(run_dir, stages, evaluations(raw.get("evaluate"), path))
+    return Pipeline(run_dir, stages, evaluate)
 
 
 def upstream_stages(stage: Stage, run_dir: Path, earlier: list[str], later: list[str], path: str) -> list[str]:
@@ -383,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--from", dest="from_stage", help="first stage to run (earlier ones must be complete)")
     run_parser.add_argument("--until", help="last stage to run")
     run_parser.add_argument("--rerun", action="append", help="run this stage again although its recipe changed")
-    run_parser.add_argument("--set", action="append", help="<stage>.<field>=<value>: a per-stage override")
+    run_parser.add_argument("--set", action="append",
+                            help="<stage>.<field>=<value>: a per-stage override; seed=<N> / output_dir=<dir>: the "
+                                 "whole run's seed (every stage whose recipe sets one, every evaluation) and directory")
     report_parser = verbs.add_parser("report", help="write report.md for a run directory")
     report_parser.add_argument("run_dir")
     return parser

@@ -11,7 +11,7 @@
 
 Recipe knobs (rl/config.py): prompts from `suite:` or `sources:`; `reward_funcs` by name with TRL's
 `reward_weights`; learned reward models next to them (`reward_models: [{path: out/tiny/reward_model,
-weight: 0.5, normalize: true}]`, or `{url: ...}` for a served one: rewards/reward_model.py); every TRL loss through `loss_type` (grpo, dr_grpo, dapo, bnpo, ...) and GSPO through
+weight: 0.5, normalize: true}]`, or `{url: ...}` for a served one: rewards/reward_model_scorer.py); every TRL loss through `loss_type` (grpo, dr_grpo, dapo, bnpo, ...) and GSPO through
 `importance_sampling_level: sequence`; `beta` > 0 for a KL term to a reference model; think /
 no-think prompts through `chat_template_kwargs: {enable_thinking: ...}`; `use_peft` for LoRA;
 `use_liger_kernel` on GPU.

@@ -48,7 +48,7 @@ class GRPOConfig(PromptFields, VLLMFields, DecontaminationFields, LoraFields, St
         default=None)
 
     reward_models: list[dict] | None = _help(
-        "Learned reward models scored next to reward_funcs, one mapping each (rewards/reward_model.py "
+        "Learned reward models scored next to reward_funcs, one mapping each (rewards/reward_model_scorer.py "
         "RewardModelSpec): {path: out/tiny/reward_model, weight: 0.5, normalize: true, batch_size: 16}, or a served "
         "one {url: 'http://127.0.0.1:8011', weight: 0.5, timeout: 60}. Logged as rewards/reward_model/mean "
         "(reward_model_<i> with several). With reward_funcs: [] the learned reward is the only one.", default=None)

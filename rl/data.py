@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from core.sources import labelled_rows
 from rewards.functions import REWARD_FUNCS, RewardFunction, compute_rewards
-from rewards.reward_model import RewardModelSpec
+from rewards.reward_model_scorer import RewardModelSpec
 from rewards.suites import get_suite, limited_reward_kwargs
 from rewards.suites import load_rows as load_suite_rows
 

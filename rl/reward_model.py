@@ -8,7 +8,7 @@ our core gets `SmolForgeForSequenceClassification` (core/modeling.py), any other
 `*ForSequenceClassification`; a causal LM's decoder is kept and the score head starts fresh. The loss is
 TRL's Bradley-Terry loss, -log sigmoid(r_chosen - r_rejected [- margin]), plus
 `center_rewards_coefficient * mean((r_chosen + r_rejected)^2)` when set. GRPO uses the result through
-rewards/reward_model.py.
+rewards/reward_model_scorer.py.
 
 Data (core/sources.py `sources`): rows with `chosen` and `rejected`, and optionally `prompt`, in TRL's
 two formats: strings (standard: the text is scored as it is, with the tokenizer's eos appended, as TRL
@@ -234,7 +234,8 @@ class HeldOutAccuracy:
     """Held-out pair accuracy before and after training (`eval_sources`)."""
 
     def __init__(self, trainer, batch_size: int):
-        self.dataset, self.pad_id, self.batch_size = trainer.eval_dataset, trainer.processing_class.pad_token_id, batch_size
+        self.dataset, self.batch_size = trainer.eval_dataset, batch_size
+        self.pad_id = trainer.processing_class.pad_token_id
         self.before: dict[str, float] | None = None
 
     def accuracy(self, model) -> dict[str, float]:

@@ -22,7 +22,7 @@ class RewardModelConfig(LoraFields, StageFields, trl.RewardConfig):
     default_sources: ClassVar[list[dict]] = [{"path": "builtin:arithmetic_preferences"}]
     # `model_name_or_path`: our core gets a score head (AutoModelForSequenceClassification, num_labels=1), any
     # other HF checkpoint its own; the SFT model is the usual start (InstructGPT, Ouyang et al. 2022).
-    # `chat_template` renders conversational pairs, is saved with the reward model, and rewards/reward_model.py
+    # `chat_template` renders conversational pairs, is saved with the reward model, and rewards/reward_model_scorer.py
     # renders GRPO completions with it. `sources`: rows with `chosen` and `rejected` (+ optional `prompt`,
     # `margin`, `chat_template_kwargs`, `tools`), all strings or all message lists (core/trainer_defaults.py).
 

@@ -1,5 +1,5 @@
 """A process of tests/test_reward_model.py's 2-process normalisation test (a module of its own, so that
-the processes torch.multiprocessing spawns import only this and rewards.reward_model)."""
+the processes torch.multiprocessing spawns import only this and rewards.reward_model_scorer)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ def normalize_on_rank(rank: int, world_size: int, port: int, scores_by_rank: lis
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from rewards.reward_model import normalized
+        from rewards.reward_model_scorer import normalized
 
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(normalized(scores_by_rank[rank])))
     finally:

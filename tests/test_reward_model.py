@@ -1,6 +1,6 @@
 """Reward models (issue 16): the core's sequence-classification head, `python -m rl.reward_model` on the
 built-in preference pairs (held-out accuracy, resume after kill -9, bad data, LoRA on a Llama), and
-rewards/reward_model.py, the reward function GRPO uses (its own template, batches, normalisation, the
+rewards/reward_model_scorer.py, the reward function GRPO uses (its own template, batches, normalisation, the
 served variant, and the `rl` stage calling it by recipe)."""
 
 import json
@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM, SmolForgeForSequenceClassification
 from core.arithmetic import answer, question, split_of
-from rewards.reward_model import RewardModelError, make_server, reward_model_reward
+from rewards.reward_model_scorer import RewardModelError, make_server, reward_model_reward
 from core.recipe import parse_recipe
 from rl.config import GRPOConfig
 from rl.reward_model import PreferenceDataError
@@ -212,7 +212,7 @@ def test_normalisation_is_over_the_batch_of_every_process(tmp_path):
     from torch.multiprocessing import spawn
 
     from reward_model_ranks import normalize_on_rank
-    from rewards.reward_model import normalized
+    from rewards.reward_model_scorer import normalized
 
     scores = [[0.0, 1.0, 2.0], [10.0, 11.0]]
     spawn(normalize_on_rank, args=(2, free_port(), scores, str(tmp_path)), nprocs=2)

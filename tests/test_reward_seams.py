@@ -19,7 +19,7 @@ from core import SmolForgeConfig, SmolForgeForCausalLM, SmolForgeForSequenceClas
 from core.generation import Sample
 from rewards.evaluate import score_samples
 from rewards.functions import REWARD_FUNCS, completion_text
-from rewards.reward_model import reward_model_reward
+from rewards.reward_model_scorer import reward_model_reward
 from rewards.suites import SUITES
 from rewards.verifier_pool import configure_default_pool
 from rl.config import GRPOConfig

@@ -144,7 +144,8 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
         from safetensors.torch import save_file
 
         # Every rank iterates: gathering sharded parameters is collective (TRL's _iter_named_params).
-        tensors = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in self._iter_named_params()}
+        tensors = {name: tensor.detach().to("cpu", copy=True).contiguous()
+                   for name, tensor in self._iter_named_params()}
         if self.accelerator.is_main_process:
             shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
             with tempfile.TemporaryDirectory(prefix="smolforge-weights-", dir=shm) as weights_dir:
@@ -211,7 +212,8 @@ class SmolForgeVLLMGeneration(vllm_generation.VLLMGeneration):
             except Exception as error:
                 self.server_error = f"{type(error).__name__}: {error}"
                 n = kwargs.get("n", num_generations)
-                return {"prompt_ids": [list(p) for p in prompts], "completion_ids": [[] for _ in range(len(prompts) * n)],
+                return {"prompt_ids": [list(p) for p in prompts],
+                        "completion_ids": [[] for _ in range(len(prompts) * n)],
                         "logprobs": None, "logprob_token_ids": None}
 
         client.generate = generate

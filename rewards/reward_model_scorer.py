@@ -1,6 +1,6 @@
 """A learned reward model as a reward function: GRPO scores completions with it next to the verifiable rewards.
 
-    from rewards.reward_model import reward_model_reward
+    from rewards.reward_model_scorer import reward_model_reward
     score = reward_model_reward("out/tiny/reward_model", normalize=True, batch_size=16)
     score(completions, prompts=prompts)          # -> list[float], one per completion
 
@@ -34,7 +34,7 @@ does not swamp the 0/1 verifiable rewards it is weighted against.
 
 Served from another process, so that a large reward model does not sit in trainer memory:
 
-    python -m rewards.reward_model --model out/tiny/reward_model --port 8011      # 127.0.0.1 by default
+    python -m rewards.reward_model_scorer --model out/tiny/reward_model --port 8011      # 127.0.0.1 by default
     score = reward_model_reward(url="http://127.0.0.1:8011", normalize=True, timeout=60)
 
 The server scores the same way (POST /score with {"prompts", "completions", "chat_template_kwargs"}
@@ -184,7 +184,7 @@ class LocalRewardModel:
 
 
 class ServedRewardModel:
-    """The client of a reward model served by `python -m rewards.reward_model` (same contract)."""
+    """The client of a reward model served by `python -m rewards.reward_model_scorer` (same contract)."""
 
     def __init__(self, url: str, normalize: bool = False, timeout: float = 60.0):
         self.url, self.normalize, self.timeout = url.rstrip("/"), normalize, timeout
@@ -210,7 +210,7 @@ class ServedRewardModel:
                 raise TimeoutError(f"reward model server {self.url} did not answer within timeout={self.timeout}s; "
                                    f"raise `timeout` or check the server") from error
             raise RewardModelError(f"reward model server {self.url} cannot be reached: {error.reason}; start it with "
-                                   f"`python -m rewards.reward_model --model <checkpoint> --port <port>`") from error
+                                   f"`python -m rewards.reward_model_scorer --model <checkpoint> --port <port>`") from error
         if len(scores) != len(completions):
             raise RewardModelError(f"reward model server {self.url} returned {len(scores)} scores for "
                                    f"{len(completions)} completions")
@@ -275,7 +275,7 @@ class RewardModelSpec:
         spec = cls(**raw)
         if (spec.path is None) == (spec.url is None):
             raise RewardModelError(f"{where}: give either path (a checkpoint) or url (a server started with "
-                                   f"`python -m rewards.reward_model`), got path={spec.path!r}, url={spec.url!r}")
+                                   f"`python -m rewards.reward_model_scorer`), got path={spec.path!r}, url={spec.url!r}")
         if spec.path is not None and not Path(spec.path).is_dir():
             raise RewardModelError(f"{where}: path {spec.path!r} is not a checkpoint directory; train one with "
                                    f"`python -m rl.reward_model --config recipes/tiny/reward_model.yaml`")
@@ -328,8 +328,8 @@ def make_server(model: LocalRewardModel, host: str = "127.0.0.1", port: int = 0)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rewards.reward_model",
-                                     description="Serve a reward model over HTTP for GRPO (rewards/reward_model.py).")
+    parser = argparse.ArgumentParser(prog="python -m rewards.reward_model_scorer",
+                                     description="Serve a reward model over HTTP for GRPO (rewards/reward_model_scorer.py).")
     parser.add_argument("--model", required=True, help="Reward-model checkpoint (python -m rl.reward_model output).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: this machine only).")
     parser.add_argument("--port", type=int, default=8011, help="Port to listen on (0: any free port).")

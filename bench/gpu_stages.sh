@@ -68,10 +68,12 @@ fetch_wheels() {
   version=$("$py" -c "import importlib.metadata as m; print(m.version('deepspeed'))") || return 1
   "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "deepspeed==$version" \
     || { echo "fetch: building the deepspeed==$version wheel failed"; return 1; }
-  # The wheels travel as an ignored path named in `carry` (the device tool's README).
-  local exclude
-  exclude=$(git -C "$REPO" rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" \
-    && { grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"; }
+  # .whl/ travels as an ignored path named in `carry` (the device tool's README): ignored through info/exclude.
+  if [ "$dest" = "$REPO/.whl" ]; then
+    local exclude
+    exclude=$(git -C "$REPO" rev-parse --path-format=absolute --git-path info/exclude) && mkdir -p "${exclude%/*}" \
+      && { grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"; }
+  fi
   ls -1 "$dest"; du -sh "$dest"
 }
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -290,6 +292,17 @@ key_lines() {
   echo "[${kind:-?}] ${loss:-no loss line}${eval:+ | $eval}${sync:+ | $sync}" | cut -c1-300
 }
 
+# failure_line LOG: the exception that ended a failed run. Under accelerate the launcher's own CalledProcessError /
+# ChildFailedError comes last and says nothing: the worker's exception (torchrun may prefix "[rank0]:") is taken.
+failure_line() {
+  local line
+  line=$(grep -E -h '^(\[rank[0-9]+\]:)? *[[:alnum:]_.]*(Error|Exception)[[:alnum:]_]*: ' "$1" \
+         | grep -v -E 'CalledProcessError|ChildFailedError' | tail -n 1)
+  [ -n "$line" ] || line=$(grep -E -h 'Error|error:|Killed' "$1" | grep -v '^\s*File ' | tail -n 1)
+  [ -n "$line" ] || line="no output after the command line"
+  echo "$line" | cut -c1-240
+}
+
 # record NAME STAGE MODE RC WALL DETAIL: one line now, one row of the table at the end.
 record() {
   local line
@@ -309,10 +322,9 @@ run_one() {
   if [ $rc = 0 ]; then
     record "$name" "$stage" "$mode" "$status" "$((SECONDS - start))s" "$(key_lines "$log" "$out")"
   else
-    local err
-    err=$(grep -E -h 'Error|Exception|error:|Traceback|Killed' "$log" | grep -v '^\s*File ' | tail -n 1 | cut -c1-240)
-    record "$name" "$stage" "$mode" "$status" "$((SECONDS - start))s" "${err:-$(tail -n 1 "$log" | cut -c1-240)}"
-    { echo "--- $name: last lines of logs/$name.log"; tail -n 12 "$log"; echo "---"; } >&2
+    record "$name" "$stage" "$mode" "$status" "$((SECONDS - start))s" \
+      "$([ $rc = 124 ] || [ $rc = 137 ] && echo "over its ${cap}s cap; ")$(failure_line "$log")"
+    { echo "--- $name: last lines of logs/$name.log"; tail -n +2 "$log" | tail -n 12; echo "---"; } >&2
   fi
 }
 

@@ -162,6 +162,28 @@ def whole_model(trainer):
         accelerator.wait_for_everyone()
 
 
+class BeforeAfter:
+    """An in-stage evaluation, `measure(model) -> {name: value}`, taken on the whole model before training
+    (`before`, every process calls it) and after (`after`, `finish`'s `evaluate`): the metrics under `after_key`
+    and `before_key` (format strings of the name), and the line `describe(before or None, after)` prints."""
+
+    def __init__(self, measure, after_key: str, before_key: str, describe):
+        self.measure, self.after_key, self.before_key, self.describe = measure, after_key, before_key, describe
+        self.taken: dict | None = None
+
+    def before(self, trainer, resume_from: str | None) -> None:
+        """Measure the starting model, unless the run resumes (the start is then another run's)."""
+        if resume_from is None:
+            with whole_model(trainer) as full:
+                self.taken = self.measure(full) if full is not None else None
+
+    def after(self, model) -> dict:
+        after = self.measure(model)
+        print(self.describe(self.taken, after), flush=True)
+        return {**{self.after_key.format(k): v for k, v in after.items()},
+                **{self.before_key.format(k): v for k, v in (self.taken or {}).items()}}
+
+
 @contextlib.contextmanager
 def one_process_alone():
     """Work on one whole model on one process while DeepSpeed ZeRO-3 is on (loading it, generating with it).

@@ -54,8 +54,8 @@ import chat_templates
 import core  # noqa: F401  (registers the smolforge model type with the Auto classes)
 from core.checkpoint import data_fingerprint
 from core.faults import FaultInjectionMixin
-from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
-                            train_metrics, whole_model)
+from core.lifecycle import (BeforeAfter, begin, finish, launch_summary, load_policy, preflight, stage_callbacks,
+                            stage_main, train_metrics)
 from core.sources import labelled_rows
 from core.trainer_defaults import lora_config
 
@@ -230,26 +230,17 @@ def load_reward_model(cfg: RewardModelConfig, tokenizer):
     return model
 
 
-class HeldOutAccuracy:
-    """Held-out pair accuracy before and after training (`eval_sources`)."""
+def held_out_accuracy(trainer, batch_size: int) -> BeforeAfter:
+    """Held-out pair accuracy (`eval_sources`), before and after training."""
+    dataset, pad_id = trainer.eval_dataset, trainer.processing_class.pad_token_id
 
-    def __init__(self, trainer, batch_size: int):
-        self.dataset, self.batch_size = trainer.eval_dataset, batch_size
-        self.pad_id = trainer.processing_class.pad_token_id
-        self.before: dict[str, float] | None = None
+    def describe(before, after) -> str:
+        return (f"held-out pairs ({len(dataset)}), chosen ranked above rejected: "
+                + (f"before {format_accuracy(before)} -> after {format_accuracy(after)}" if before is not None
+                   else f"after training: {format_accuracy(after)}"))
 
-    def accuracy(self, model) -> dict[str, float]:
-        return pair_accuracy(model, self.dataset, self.pad_id, self.batch_size)
-
-    def after(self, model) -> dict[str, float]:
-        after = self.accuracy(model)
-        metrics = {f"heldout/{k}": v for k, v in after.items()}
-        if self.before is not None:
-            metrics.update({f"heldout_before/{k}": v for k, v in self.before.items()})
-        print(f"held-out pairs ({len(self.dataset)}), chosen ranked above rejected: "
-              + (f"before {format_accuracy(self.before)} -> after {format_accuracy(after)}" if self.before is not None
-                 else f"after training: {format_accuracy(after)}"))
-        return metrics
+    return BeforeAfter(lambda model: pair_accuracy(model, dataset, pad_id, batch_size), "heldout/{}",
+                       "heldout_before/{}", describe)
 
 
 def run(cfg: RewardModelConfig) -> dict:
@@ -265,10 +256,9 @@ def run(cfg: RewardModelConfig) -> dict:
                         f"{cfg.chat_template or 'of the checkpoint'}"
                         + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""),
           resume_from)
-    check = HeldOutAccuracy(trainer, cfg.per_device_eval_batch_size) if eval_dataset is not None else None
-    if check is not None and resume_from is None:
-        with whole_model(trainer) as full:
-            check.before = check.accuracy(full) if full is not None else None
+    check = held_out_accuracy(trainer, cfg.per_device_eval_batch_size) if eval_dataset is not None else None
+    if check is not None:
+        check.before(trainer, resume_from)
 
     result = trainer.train(resume_from_checkpoint=resume_from)
     # No stop tokens: a reward model scores, it does not generate.

@@ -48,8 +48,8 @@ from core.checkpoint import data_fingerprint
 from core.decontaminate import NGramIndex, decontaminate_rows
 from core.faults import FaultInjectionMixin
 from core.generation import GenerationSettings, generate_transformers, to_sample
-from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
-                            stop_token_ids, train_metrics, whole_model)
+from core.lifecycle import (BeforeAfter, begin, finish, launch_summary, load_policy, preflight, stage_callbacks,
+                            stage_main, stop_token_ids, train_metrics)
 from core.trainer_defaults import lora_config
 from core.vllm import use_vllm_for
 from core.vllm.trl import SmolForgeVLLMMixin
@@ -177,26 +177,21 @@ def build_reward_funcs(cfg: GRPOConfig) -> tuple[list, dict[str, float]]:
     return build_rewards(names, reward_kwargs) + build_reward_models(reward_models), dict(zip(names, weights))
 
 
-class HeldOutPassAt1:
-    """Greedy pass@1 on the suite's `test` split, before and after training (`held_out_eval`)."""
+def held_out_pass_at_1_check(cfg: GRPOConfig, tokenizer, stop_ids: list[int]) -> BeforeAfter:
+    """Greedy pass@1 on the suite's `test` split, before and after training (`held_out_eval`), with GRPO's wall
+    time."""
+    rows = as_conversations(load_suite_rows(get_suite(cfg.suite), "test", cfg.suite_data_path), tokenizer)
+    start = time.perf_counter()
 
-    def __init__(self, cfg: GRPOConfig, tokenizer, stop_ids: list[int]):
-        self.cfg, self.tokenizer, self.stop_ids = cfg, tokenizer, stop_ids
-        self.rows = as_conversations(load_suite_rows(get_suite(cfg.suite), "test", cfg.suite_data_path), tokenizer)
-        self.before: float | None = None
-        self.start = time.perf_counter()
+    def describe(before, after) -> str:
+        backend = f"vLLM {cfg.vllm_mode}" if cfg.use_vllm else "transformers generate"
+        start_score = "n/a (resumed)" if before is None else f"{before['pass@1']:.3f}"
+        return (f"held-out pass@1 ({len(rows)} prompts of suite {cfg.suite}, greedy): "
+                f"{start_score} -> {after['pass@1']:.3f}; "
+                f"GRPO wall time {time.perf_counter() - start:.1f} s ({backend})")
 
-    def score(self, model) -> float:
-        return held_out_pass_at_1(model, self.tokenizer, self.rows, self.cfg, self.stop_ids)
-
-    def after(self, model) -> dict:
-        after = self.score(model)
-        backend = f"vLLM {self.cfg.vllm_mode}" if self.cfg.use_vllm else "transformers generate"
-        print(f"held-out pass@1 ({len(self.rows)} prompts of suite {self.cfg.suite}, greedy): "
-              f"{'n/a (resumed)' if self.before is None else f'{self.before:.3f}'} -> {after:.3f}; "
-              f"GRPO wall time {time.perf_counter() - self.start:.1f} s ({backend})")
-        return {"held_out/pass@1_after": after,
-                **({} if self.before is None else {"held_out/pass@1_before": self.before})}
+    return BeforeAfter(lambda model: {"pass@1": held_out_pass_at_1(model, tokenizer, rows, cfg, stop_ids)},
+                       "held_out/{}_after", "held_out/{}_before", describe)
 
 
 def run(cfg: GRPOConfig) -> dict:
@@ -219,13 +214,13 @@ def run(cfg: GRPOConfig) -> dict:
                                          wandb_run=_wandb_run(cfg), resume_step=resumed_step(resume_from),
                                          seed=cfg.seed)
     begin(trainer, cfg, f"{launch_summary('rl', trainer, cfg)}; {len(dataset)} prompts from {where}, {lengths}; "
-                        f"rewards {rewards}; loss {cfg.loss_type}, importance sampling {cfg.importance_sampling_level}, "
+                        f"rewards {rewards}; loss {cfg.loss_type}, importance sampling "
+                        f"{cfg.importance_sampling_level}, "
                         f"beta {cfg.beta}; rollouts from "
                         + (f"vLLM {cfg.vllm_mode}" if cfg.use_vllm else "transformers generate"), resume_from)
-    check = HeldOutPassAt1(cfg, tokenizer, stop_ids) if cfg.suite is not None and cfg.held_out_eval else None
-    if check is not None and resume_from is None:
-        with whole_model(trainer) as full:
-            check.before = check.score(full) if full is not None else None
+    check = held_out_pass_at_1_check(cfg, tokenizer, stop_ids) if cfg.suite is not None and cfg.held_out_eval else None
+    if check is not None:
+        check.before(trainer, resume_from)
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)

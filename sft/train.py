@@ -37,8 +37,8 @@ import core  # noqa: F401  (registers the smolforge model type with the Auto cla
 from core.checkpoint import data_fingerprint
 from core.decontaminate import NGramIndex, decontaminate_rows
 from core.faults import FaultInjectionMixin
-from core.lifecycle import (begin, finish, launch_summary, load_policy, preflight, stage_callbacks, stage_main,
-                            stop_token_ids, train_metrics, whole_model)
+from core.lifecycle import (BeforeAfter, begin, finish, launch_summary, load_policy, preflight, stage_callbacks,
+                            stage_main, stop_token_ids, train_metrics)
 from core.sources import ROW_SOURCE_KEYS, SourceSpec, load_rows
 from core.trainer_defaults import lora_config
 from rewards.suites import evaluation_prompts
@@ -87,27 +87,17 @@ def generation_rows(spec: dict) -> tuple[list[dict], int]:
     return list(rows.values()), max_new_tokens
 
 
-class GenerationEval:
-    """The `generation_eval` check (sft/generation.py): the held-out prompts, asked before training and after."""
+def generation_eval(spec: dict, tokenizer, end_of_turn: str) -> BeforeAfter:
+    """The `generation_eval` check (sft/generation.py) on the held-out prompts, before and after SFT."""
+    rows, max_new_tokens = generation_rows(spec)
 
-    def __init__(self, spec: dict, tokenizer, end_of_turn: str):
-        self.rows, self.max_new_tokens = generation_rows(spec)
-        self.tokenizer, self.end_of_turn = tokenizer, end_of_turn
-        self.before: dict[str, float] | None = None
+    def describe(before, after) -> str:
+        return (f"held-out generations ({len(rows)} prompts x think/no-think), "
+                + (f"before -> after SFT: {format_rates(before, after)}" if before is not None
+                   else f"after SFT: {format_rates(after, after)}"))
 
-    def rates(self, model) -> dict[str, float]:
-        return generation_check(model, self.tokenizer, self.end_of_turn, self.rows, self.max_new_tokens)
-
-    def after(self, model) -> dict[str, float]:
-        """Metrics for stage.json, and the before -> after line."""
-        after = self.rates(model)
-        metrics = {f"generation/{k}": v for k, v in after.items()}
-        if self.before is not None:
-            metrics.update({f"generation_before/{k}": v for k, v in self.before.items()})
-        print(f"held-out generations ({len(self.rows)} prompts x think/no-think), "
-              + (f"before -> after SFT: {format_rates(self.before, after)}" if self.before is not None
-                 else f"after SFT: {format_rates(after, after)}"))
-        return metrics
+    return BeforeAfter(lambda model: generation_check(model, tokenizer, end_of_turn, rows, max_new_tokens),
+                       "generation/{}", "generation_before/{}", describe)
 
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple[Dataset, str, str, int]:
@@ -143,10 +133,9 @@ def run(cfg: SFTConfig) -> dict:
                         f"{cfg.chat_template or 'of the checkpoint'}"
                         + (f"; added tokens {added} (embeddings resized to {len(tokenizer)})" if added else ""),
           resume_from)
-    check = GenerationEval(cfg.generation_eval, tokenizer, end_of_turn) if cfg.generation_eval else None
-    if check is not None and resume_from is None:
-        with whole_model(trainer) as full:
-            check.before = check.rates(full) if full is not None else None
+    check = generation_eval(cfg.generation_eval, tokenizer, end_of_turn) if cfg.generation_eval else None
+    if check is not None:
+        check.before(trainer, resume_from)
 
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {**train_metrics(result), "data/rows_dropped_contaminated": n_contaminated}

@@ -26,7 +26,7 @@
 #
 # Packages: the GPU image has torch, transformers, accelerate, peft, but not trl, datasets, math-verify, deepspeed,
 # liger-kernel nor vllm (/work/.library/device/KINDS.md, 2026-11-17). `--fetch-wheels` downloads the versions
-# installed here (the measured stack) for CPython 3.12 x86-64 into .whl/ (about 10 MB), which the device call
+# installed here (the measured stack) for CPython 3.12 x86-64 into .whl/ (7.9 MB), which the device call
 # carries and this script installs into /tmp/site. vLLM cannot travel: its CUDA wheel is hundreds of MB (the
 # device tool carries 64 MiB) and pins its own torch; without it the vLLM runs print "skip" with the reason.
 set -uo pipefail
@@ -90,7 +90,7 @@ finish_up() {
   [ "$DRY_RUN" = 1 ] || tar czf "$FINAL/gpu_stages_logs.tgz" -C "$WORK" logs runs 2>/dev/null
 }
 trap finish_up EXIT
-# No network there; 16 cores shared by JOBS runs; a datasets / Triton cache of this run only.
+# No network there; 16 cores shared by JOBS runs; a Hugging Face (datasets) cache of this run only.
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
   TRANSFORMERS_OFFLINE=1 HF_HOME="$WORK/hf" TRL_EXPERIMENTAL_SILENCE=1
 
@@ -197,11 +197,12 @@ if [ "$HAVE_VLLM" = 1 ] && [ "$HAVE_PLUGIN" != 1 ] && [ "$DRY_RUN" != 1 ]; then
 fi
 
 # --- the starting checkpoint and the recipes ---------------------------------------------------------------------
-# A random tiny chat model, as tests/test_stage_lifecycle.py's chat_base builds it: a BPE trained by
+# A random tiny chat model, as tests/test_stage_lifecycle.py's save_chat_model builds it: a BPE trained by
 # pretrain.tokenizer on the built-in sources (tests/conftest.py tokenizer_dir), SmolLM3's template with its control
-# tokens, a pad token, <|im_end|> as the stop token, weights perturbed so that norms are not all ones. Recipes are
-# recipes/tiny/<x>.yaml with what a 3-step run from this model needs: built-in data cut to a few rows, no
-# checkpoints, max_length 512 (SmolLM3's system block alone is 203 tokens with this tokenizer), no prompt limit.
+# tokens, a pad token, <|im_end|> as the stop token, weights perturbed so that norms are not all ones; seed 0 starts
+# every stage, seed 1 is distillation's teacher (a teacher equal to its student has nothing to teach: divergence 0,
+# no update). Recipes are recipes/tiny/<x>.yaml with what a 3-step run from this model needs: built-in data cut to
+# a few rows, no checkpoints, max_length 512 (SmolLM3's system block alone is 203 tokens with this tokenizer).
 BASE=$WORK/base
 RECIPES=$WORK/recipes
 if [ "$DRY_RUN" != 1 ]; then
@@ -221,20 +222,27 @@ work = Path(sys.argv[1])
 sources = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 3000},
            {"name": "prose", "path": "builtin:prose"}, {"name": "math", "path": "builtin:math"}]
 train_tokenizer(sample_sources(sources, 600), 512).save_pretrained(work / "tokenizer")
-tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
-chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
-tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-torch.manual_seed(0)
-model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer)))
-generator = torch.Generator().manual_seed(0)
-with torch.no_grad():  # tests/conftest.py perturb_(std=0.05)
-    for p in model.parameters():
-        p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator) if p.dim() == 1
-                else 0.05 * torch.randn(p.shape, generator=generator))
-model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-model.generation_config.pad_token_id = tokenizer.pad_token_id
-model.save_pretrained(work / "base")
-tokenizer.save_pretrained(work / "base")
+
+
+def save_chat_model(path: Path, seed: int) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
+    chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    torch.manual_seed(seed)
+    model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # tests/conftest.py perturb_(std=0.05)
+        for p in model.parameters():
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator) if p.dim() == 1
+                    else 0.05 * torch.randn(p.shape, generator=generator))
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+save_chat_model(work / "base", seed=0)
+save_chat_model(work / "teacher", seed=1)
 
 base = str(work / "base")
 every = {"model_name_or_path": base, "max_steps": 3, "save_strategy": "no", "report_to": "none", "logging_steps": 1,
@@ -255,19 +263,25 @@ changes = {
         "eval_sources": [{"path": "builtin:arithmetic_preferences", "split": "test", "max_rows": 16}],
         "max_length": 512, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 16}),
     # 4 prompts x 4 completions a step; held-out greedy pass@1 before and after (the suite's 40 test prompts).
+    # A reward that varies between a random model's completions (the share of repeated tokens), as in the lifecycle
+    # test: the recipe's accuracy rewards are 0 for every completion, so advantages and update would be zero.
     # vLLM is switched on per run; its engine holds prompt + completion within the model's 512 positions.
     "grpo": ("grpo", {"num_generations": 4, "per_device_train_batch_size": 16, "max_prompt_length": None,
+                      "max_completion_length": 32, "reward_funcs": ["repetition_penalty"], "reward_weights": None,
+                      "reward_kwargs": {"repetition_penalty": {"ngram_size": 1}},
                       "use_vllm": False, "vllm_max_model_length": 512, "held_out_eval": True}),
-    # The model is its own teacher (as in the lifecycle test). lmbda 0.5 with seed 0 draws teacher, student,
-    # student for steps 0-2 (distill/train.py sampler_for_step): both samplers run in 3 steps.
-    "distill": ("distill", {"teacher_model_name_or_path": base, "max_prompts": 16, "per_device_train_batch_size": 4,
+    # lmbda 0.5 with seed 0 draws teacher, student, student for steps 0-2 (distill/train.py sampler_for_step):
+    # both samplers run in 3 steps.
+    "distill": ("distill", {"teacher_model_name_or_path": str(work / "teacher"), "max_prompts": 16,
+                            "per_device_train_batch_size": 4,
                             "max_completion_length": 16, "token_budget": None, "lmbda": 0.5,
                             "vllm_max_model_length": 512}),
 }
 (work / "recipes").mkdir(exist_ok=True)
 for name, (recipe, change) in changes.items():
     cfg = yaml.safe_load(Path(f"recipes/tiny/{recipe}.yaml").read_text())
-    # The chat model carries SmolLM3's template; rl and distill refuse a template that adds tokens anyway.
+    # Every stage keeps the chat model's own template (SmolLM3's), as the lifecycle test does: sft.yaml's qwen3 and
+    # reward_model.yaml's chatml are for the tiny pipeline's models.
     cfg.pop("chat_template", None)
     cfg.update(every, **change)
     (work / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -70,6 +70,33 @@ def manifest_json(*, stage: str, recipe: dict, parent: str | list[str] | None, d
     )
 
 
+def _staging_dir(target: Path) -> Path:
+    """A new hidden directory next to `target` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not tempfile.mkdtemp, which makes the directory 0700) so the output gets the user's normal
+    # permissions once renamed into place.
+    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _seal(tmp: Path, manifest_text: str) -> None:
+    """stage.json written last, then everything made durable: the directory is complete."""
+    (tmp / MANIFEST_NAME).write_text(manifest_text)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(tmp)
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
+    try:
+        os.rename(tmp, target)
+    except OSError as error:  # created by someone else since the caller's check
+        raise FileExistsError(f"{target} appeared while saving; refusing to overwrite it") from error
+    _fsync(target.parent)  # make the rename itself durable
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     model: Any,
@@ -98,11 +125,7 @@ def save_checkpoint(
     manifest_text = manifest_json(stage=stage, recipe=recipe, parent=parent, data_fingerprint=data_fingerprint,
                                   metrics=metrics)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not tempfile.mkdtemp, which makes the directory 0700) so the checkpoint gets the
-    # user's normal permissions once renamed into place.
-    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _staging_dir(target)
     try:
         # transformers 5 writes safetensors only; it also writes generation_config.json for
         # models that can generate.
@@ -114,20 +137,12 @@ def save_checkpoint(
             raise RuntimeError(f"checkpoint save wrote pickle weight files {pickles}; only safetensors are allowed")
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"model.save_pretrained wrote no *.safetensors file into {tmp}")
-        (tmp / MANIFEST_NAME).write_text(manifest_text)
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                _fsync(path)
-        _fsync(tmp)
-
+        _seal(tmp, manifest_text)
         if target.exists():
             _move_into_existing_dir(tmp, target)
+            _fsync(target.parent)
         else:
-            try:
-                os.rename(tmp, target)
-            except OSError as error:  # created by someone else since the check above
-                raise FileExistsError(f"{target} appeared while saving; refusing to overwrite it") from error
-        _fsync(target.parent)  # make the rename itself durable
+            _rename_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -159,16 +174,11 @@ def save_data_stage(
         raise ValueError(f"files holds {MANIFEST_NAME}; save_data_stage writes it from stage, recipe, parent, ...")
     manifest_text = manifest_json(stage=stage, recipe=recipe, parent=parent, data_fingerprint=data_fingerprint,
                                   metrics=metrics)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp = _staging_dir(target)
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        (tmp / MANIFEST_NAME).write_text(manifest_text)
-        for path in tmp.iterdir():
-            _fsync(path)
-        _fsync(tmp)
+        _seal(tmp, manifest_text)
         replaced = []
         if target.exists():
             _refuse_existing_checkpoint(target)  # completed by someone else while this one was writing
@@ -176,12 +186,9 @@ def save_data_stage(
             for name in [*files, MANIFEST_NAME]:
                 os.replace(tmp / name, target / name)
             _fsync(target)
+            _fsync(target.parent)
         else:
-            try:
-                os.rename(tmp, target)
-            except OSError as error:  # created by someone else since the check above
-                raise FileExistsError(f"{target} appeared while saving; refusing to overwrite it") from error
-        _fsync(target.parent)
+            _rename_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return replaced

@@ -6,6 +6,7 @@ their log-probs with the trained policy's own on the batch's prompts, and logs t
 (vllm/sync_greedy_match, vllm/sync_logprob_max_diff), which these tests read from metrics.jsonl.
 One engine per stage run (the engine lives in the stage's process, or in the server)."""
 
+import collections
 import json
 import os
 import signal
@@ -64,20 +65,24 @@ def weights_changed(parent, run_dir) -> bool:
 
 @pytest.mark.vllm
 def test_colocated_vllm_trains_syncs_and_resumes_after_kill(policy_dir, tmp_path, vllm_module):
-    recipe = write_recipe(tmp_path, base_recipe(policy_dir))
+    # Killed while writing checkpoint 4: steps 3 and 4 were logged (metrics, rollouts) after the last complete
+    # checkpoint, 2, which the run resumes from; the logs must continue from 2 (issue 30: a resume that did not
+    # tell the rollout monitor its step kept the killed run's rollouts of steps 3 and 4 and wrote them again).
+    recipe = write_recipe(tmp_path, base_recipe(policy_dir, max_steps=4))
     out = tmp_path / "run"
-    killed = launch_stage("rl", recipe, out, fault="kill_after_step:2", env=ONE_THREAD)
+    killed = launch_stage("rl", recipe, out, fault="kill_in_checkpoint:4", env=ONE_THREAD)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists()
     resumed = ok(launch_stage("rl", recipe, out, "--resume_from_checkpoint", "true", env=ONE_THREAD))
     assert "resuming from" in resumed.stdout and "held-out pass@1" in resumed.stdout
 
     rows = metrics(out)
     steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == [1, 2, 3], steps  # no gap, no duplicate: the killed run's lines after 2 were dropped
+    assert steps == [1, 2, 3, 4], steps  # no gap, no duplicate: the killed run's lines after 2 were dropped
     # Step 3 is the first rollout after the resume: vLLM was synchronised with the restored policy.
     assert_synced(rows)
-    assert any(r["step"] == 3 and "vllm/sync_greedy_match" in r for r in rows)
+    assert any(r["step"] == 3 and "vllm/sync_greedy_match" in r for r in rows)  # the first step after the resume
     # Step 0: vLLM sampled from the very weights the trainer scores, so the importance ratio is 1.
     first = rows[0]
     assert abs(first["sampling/importance_sampling_ratio/mean"] - 1.0) < 1e-2, first
@@ -85,7 +90,8 @@ def test_colocated_vllm_trains_syncs_and_resumes_after_kill(policy_dir, tmp_path
     manifest = json.loads((out / "stage.json").read_text())
     assert manifest["stage"] == "rl" and manifest["metrics"]["data/prompts_dropped_too_long"] == 0
     samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {1, 2, 3}
+    per_step = collections.Counter(s["step"] for s in samples)
+    assert sorted(per_step) == [1, 2, 3, 4] and len(set(per_step.values())) == 1, per_step  # none written twice
     assert {"prompt", "completion", "reward/accuracy", "reward/soft_overlong_punishment", "advantage"} <= set(samples[0])
 
 

@@ -59,7 +59,8 @@ from typing import Literal
 import chat_templates
 from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_data_stage
 from core.generation import GenerationSettings
-from core.recipe import help_field as _help, parse_recipe, resolved_recipe
+from core.lifecycle import stage_main
+from core.recipe import help_field as _help, resolved_recipe
 from rewards.evaluate import resolve_backend, sample_checkpoint, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
@@ -283,8 +284,7 @@ def build_pairs(cfg: BuildPairsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (cfg,) = parse_recipe(BuildPairsConfig, args=argv)
-    return build_pairs(cfg)
+    return stage_main(BuildPairsConfig, build_pairs, argv)
 
 
 if __name__ == "__main__":

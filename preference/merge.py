@@ -32,7 +32,8 @@ import torch
 from safetensors import safe_open
 
 from core.checkpoint import save_checkpoint
-from core.recipe import parse_recipe, resolved_recipe
+from core.lifecycle import stage_main
+from core.recipe import resolved_recipe
 
 # config.json fields that do not change what the weights compute.
 NON_ARCHITECTURE_FIELDS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
@@ -150,8 +151,7 @@ def merge(cfg: MergeConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    (cfg,) = parse_recipe(MergeConfig, args=argv)
-    return merge(cfg)
+    return stage_main(MergeConfig, merge, argv)
 
 
 if __name__ == "__main__":

@@ -465,10 +465,9 @@ def curate(cfg: CurateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from core.recipe import parse_recipe
+    from core.lifecycle import stage_main
 
-    (cfg,) = parse_recipe(CurateConfig, args=argv)
-    return curate(cfg)
+    return stage_main(CurateConfig, curate, argv)
 
 
 if __name__ == "__main__":

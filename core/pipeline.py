@@ -37,6 +37,8 @@ asked to do: module, recipe file contents, inputs, overrides, credentials redact
   output of each stage it reads and of the content of each local file its recipe names (data, chat
   templates), and a stage reading a stage that ran in this invocation is rerun;
 - complete with a changed request: refused, naming the stage and the changed fields;
+- started, not complete, with a changed request (a recipe fixed after the stage failed): the partial output is
+  moved aside (never deleted) and the stage runs again;
 - an output that `pipeline.json` has no record of (made by hand, or the record lost): refused, as the
   pipeline cannot tell what made it;
 - `--rerun NAME`, changed or not: the old output is moved aside (never deleted) and the stage runs again;
@@ -342,13 +344,16 @@ def run_stage(stage: Stage, run_dir: Path, state: RunState, rerun: bool) -> str:
                             f"the stage again (the old output is kept beside it), or use another output_dir")
     changed = "request" in record and record["request"] != request
     if out.exists() and (changed or rerun):
-        if not rerun:
+        if not rerun and (out / MANIFEST_NAME).exists():
             raise PipelineError(f"stage {stage.name!r} was run with another recipe: changed "
                                 f"{changed_fields(record['request'], request)}; pass --rerun {stage.name} to run it "
                                 f"again (the old output is kept beside it)")
+        # --rerun, or a stage that never completed and whose recipe was changed since (the fix after a failure:
+        # its partial output cannot be resumed under another recipe). Never deleted: moved aside.
         aside = aside_path(out)
         out.rename(aside)
-        print(f"[{stage.name}] old output moved to {aside}")
+        print(f"[{stage.name}] old output moved to {aside}"
+              + ("" if rerun else f" (unfinished, and its recipe changed: {changed_fields(record['request'], request)})"))
     if (out / MANIFEST_NAME).exists():
         return "skipped (complete)"
     resume = out.exists() and any(out.glob("checkpoint-*"))

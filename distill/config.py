@@ -14,14 +14,14 @@ from typing import ClassVar, Literal
 import trl
 
 from core.recipe import help_field as _help
-from core.trainer_defaults import LoraFields, PromptFields, StageFields
+from core.trainer_defaults import LoraFields, PromptFields, StageFields, VLLMFields
 
 
 DIVERGENCE_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
 
 
 @dataclass
-class DistillConfig(PromptFields, LoraFields, StageFields, trl.DistillationConfig):
+class DistillConfig(PromptFields, VLLMFields, LoraFields, StageFields, trl.DistillationConfig):
     default_output_dir: ClassVar[str] = "out/distill"
     # `model_name_or_path` (core/trainer_defaults.py) is the student: a chat checkpoint (an SFT output, or any
     # local HF causal LM with a chat template). `teacher_model_name_or_path` is TRL's field; TRL reads it only

@@ -61,7 +61,7 @@ from core.checkpoint import MANIFEST_NAME, data_fingerprint, save_data_stage
 from core.generation import GenerationSettings
 from core.lifecycle import stage_main
 from core.recipe import help_field as _help, resolved_recipe
-from rewards.evaluate import resolve_backend, sample_checkpoint, score_samples
+from rewards.evaluate import prompt_token_ids, resolve_backend, sample_checkpoint, score_samples
 from rewards.functions import weighted_total
 from rewards.suites import get_suite, load_rows
 from rewards.verifier_pool import configure_default_pool
@@ -154,10 +154,10 @@ def sample_and_score(model_path: str, cfg: BuildPairsConfig, rows: list[dict],
     backend = resolve_backend(cfg.backend)
     tokenizer, samples, conversational, backend = sample_checkpoint(
         model_path, rows, settings, backend, True, cfg.batch_size, cfg.vllm_kv_cache_memory_bytes)
-    # Scored as rewards.evaluate scores (special tokens skipped); kept with them for training.
-    graded = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in ss] for ss in samples]
+    # Scored as rewards.evaluate (and GRPO) score a completion; kept with special tokens for training.
     kept = [[tokenizer.decode(s.token_ids, skip_special_tokens=False) for s in ss] for ss in samples]
-    rewards = score_samples(suite, rows, samples, graded, conversational)
+    prompts = prompt_token_ids(tokenizer, [row["prompt"] for row in rows], True)
+    rewards = score_samples(suite, rows, samples, tokenizer, prompts, conversational, settings.max_new_tokens)
     for name in cfg.pair_reward or []:
         if name not in rewards:
             raise ValueError(f"pair_reward={name!r} is not a reward of suite {suite.name!r}: {sorted(rewards)}")

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 
 import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM
-from core.checkpoint import data_fingerprint, read_manifest
+from core.checkpoint import MANIFEST_NAME, data_fingerprint, read_manifest
 from core.generation import GenerationSettings, Sample, generate_transformers, generate_vllm
 from core.sources import SourceSpec, load_rows
 from preference import build_pairs as build_pairs_module
@@ -220,18 +220,20 @@ def test_a_complete_output_is_kept_and_an_incomplete_one_replaced(tmp_path, stee
     assert (out / "stage.json").read_text() == manifest and load_rows(SourceSpec(path=str(out / "pairs.jsonl"))) == rows
 
 
-def test_the_pipeline_finishes_after_a_failed_pairs_stage_and_then_skips_it(tmp_path, steered):
-    """The demo's dead end, end to end: a pairs output without stage.json (the failed run) is rebuilt, the
-    preference stage trains on it, and the next invocation skips both stages."""
+def test_the_pipeline_finishes_after_a_failed_stage_is_fixed_and_then_skips_it(tmp_path, steered):
+    """The demo's dead end, end to end (issue 30). A pairs output the run has no record of (as the failed demo left
+    it: pairs.jsonl with a control token, no stage.json) is refused, naming --rerun; rerun, pairs is rebuilt
+    without the token and completes; the preference stage then fails on its recipe, is fixed and run again, and
+    finishes; the next invocation skips both."""
     pairs_recipe = tmp_path / "pairs.yaml"
     pairs_recipe.write_text(yaml.safe_dump({
         "model_name_or_path": str(steered["weak"]), "strong_model_name_or_path": str(steered["strong"]),
         "suite": "arithmetic", "max_prompts": 1, "num_samples": 1, "temperature": 0, "max_new_tokens": 8,
         "backend": "transformers", "pair_reward": ["accuracy"]}))
     apo_recipe = tmp_path / "apo.yaml"
-    apo_recipe.write_text(yaml.safe_dump({
-        "model_name_or_path": str(steered["weak"]), "loss_type": ["apo_zero"], "max_length": 512, "max_steps": 1,
-        "per_device_train_batch_size": 1, "save_strategy": "no", "report_to": "none"}))
+    apo = {"model_name_or_path": str(steered["weak"]), "loss_type": ["apo_zero"], "max_length": 512, "max_steps": 1,
+           "per_device_train_batch_size": 1, "save_strategy": "no", "report_to": "none"}
+    apo_recipe.write_text(yaml.safe_dump({**apo, "loss_type": ["apo_zeroo"]}))  # the typo to fix
     pipeline = tmp_path / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "run"), "stages": [
         {"name": "pairs", "module": "preference.build_pairs", "config": str(pairs_recipe)},
@@ -244,18 +246,25 @@ def test_the_pipeline_finishes_after_a_failed_pairs_stage_and_then_skips_it(tmp_
         "chosen": [{"role": "assistant", "content": "3"}],
         "rejected": [{"role": "assistant", "content": "42<|im_start|>6"}]}) + "\n")
 
-    def smolforge() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "core.pipeline", "run", str(pipeline)], capture_output=True,
-                              text=True, cwd=REPO, timeout=900, env={**os.environ, "SMOLFORGE_FAULT": ""})
+    def smolforge(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "core.pipeline", "run", str(pipeline), *flags],
+                              capture_output=True, text=True, cwd=REPO, timeout=900,
+                              env={**os.environ, "SMOLFORGE_FAULT": ""})
 
-    first = smolforge()
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "[pairs] ran" in first.stdout and "[apo] ran" in first.stdout
-    assert "<|im_start|>" not in (stale / "pairs.jsonl").read_text()
+    unrecorded = smolforge()
+    assert unrecorded.returncode != 0 and "pass --rerun pairs" in unrecorded.stderr, unrecorded.stderr[-3000:]
+    failed = smolforge("--rerun", "pairs")
+    assert "[pairs] ran" in failed.stdout and failed.returncode != 0, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "stage 'apo' failed" in failed.stderr and "apo_zeroo" in failed.stdout + failed.stderr
+    assert (stale / MANIFEST_NAME).exists() and "<|im_start|>" not in (stale / "pairs.jsonl").read_text()
+    apo_recipe.write_text(yaml.safe_dump(apo))  # fixed
+    fixed = smolforge()
+    assert fixed.returncode == 0, fixed.stdout[-3000:] + fixed.stderr[-3000:]
+    assert "[pairs] skipped (complete)" in fixed.stdout and "[apo] ran" in fixed.stdout
     assert (tmp_path / "run" / "apo" / "stage.json").exists()
-    second = smolforge()
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "[pairs] skipped (complete)" in second.stdout and "[apo] skipped (complete)" in second.stdout
+    again = smolforge()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[pairs] skipped (complete)" in again.stdout and "[apo] skipped (complete)" in again.stdout
 
 
 # --- KTO rows in an order TRL's KL baseline can use ------------------------------------------------------

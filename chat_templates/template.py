@@ -508,9 +508,11 @@ def install(
 
 
 def load_tokenizer(path: str | os.PathLike, template: TemplateLike | None = None, *, add_missing_tokens: bool = True,
-                   pad: bool = True, **kwargs) -> tuple[PreTrainedTokenizerBase, list[str]]:
+                   pad: bool = True, fallback: str | None = None,
+                   **kwargs) -> tuple[PreTrainedTokenizerBase, list[str]]:
     """A checkpoint's tokenizer for a training stage, with `template`'s training variant installed (None: the
-    tokenizer keeps its own template); returns (tokenizer, the tokens added to it).
+    tokenizer keeps its own template; `fallback` is installed where it has none, e.g. a pretrained base model
+    entering SFT); returns (tokenizer, the tokens added to it).
 
     `add_missing_tokens=False`: a template whose control tokens the tokenizer lacks is an error naming them (the
     stages whose tokenizer is shared with a vLLM engine or a teacher cannot grow it). `pad`: add a distinct
@@ -522,6 +524,9 @@ def load_tokenizer(path: str | os.PathLike, template: TemplateLike | None = None
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     added = []
+    if template is None and not tokenizer.chat_template and fallback is not None:
+        print(f"{path} has no chat template: installing {fallback!r} (set chat_template to choose another)", flush=True)
+        template = fallback
     if template is not None:
         added = install(tokenizer, template, variant="training", add_missing_tokens=add_missing_tokens)
         if added and not add_missing_tokens:

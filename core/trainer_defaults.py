@@ -40,7 +40,8 @@ class StageFields:
     chat_template: str | None = help_field(
         "Chat template by name (chatml, smollm3, qwen3, llama3) or a .jinja path (chat_templates.load): its "
         "training variant is installed on the tokenizer and saved with the model. Null keeps the checkpoint's own "
-        "template (an SFT output carries the one it was trained with). sft, preference and rl.reward_model add the "
+        "template (an SFT output carries the one it was trained with); sft and rl.reward_model install smollm3 on a "
+        "checkpoint that has none (a pretrained base model). sft, preference and rl.reward_model add the "
         "control tokens the tokenizer lacks (embeddings resized); rl and distill cannot (their vLLM engine or "
         "teacher shares the vocabulary) and refuse such a template by name.", default=None)
     attn_implementation: str = help_field("eager | sdpa | flash_attention_2 | flex_attention", default="sdpa")

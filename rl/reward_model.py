@@ -246,7 +246,7 @@ def held_out_accuracy(trainer, batch_size: int) -> BeforeAfter:
 def run(cfg: RewardModelConfig) -> dict:
     resume_from = preflight(cfg, "reward_model")
     tokenizer, added = chat_templates.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                                     cfg.chat_template)
+                                                     cfg.chat_template, fallback="smollm3")
     train_dataset, eval_dataset, fingerprint, data_summary = load_data(cfg, tokenizer)
     model = load_reward_model(cfg, tokenizer)
     trainer = RewardTrainer(model=model, args=cfg, train_dataset=train_dataset, eval_dataset=eval_dataset,

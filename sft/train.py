@@ -49,6 +49,10 @@ from .data import load_sources, validate_rows
 from .generation import format_rates, generation_check
 
 
+# What SFT installs on a checkpoint without a chat template (a pretrained base model), as it always did.
+BASE_TEMPLATE = "smollm3"
+
+
 class EmptyMaskError(RuntimeError):
     """A micro-batch has no token to train on (assistant-only loss with an empty mask)."""
 
@@ -122,7 +126,7 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple[Dataset, str, str, int]:
 def run(cfg: SFTConfig) -> dict:
     resume_from = preflight(cfg, "sft")
     tokenizer, added = chat_templates.load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path,
-                                                     cfg.chat_template)
+                                                     cfg.chat_template, fallback=BASE_TEMPLATE)
     end_of_turn = chat_templates.end_of_turn(tokenizer)
     dataset, fingerprint, data_summary, n_contaminated = load_data(cfg, tokenizer)
     model = load_policy(cfg, tokenizer)

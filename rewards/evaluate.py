@@ -95,7 +95,10 @@ def trl_completions(tokenizer, prompts: list[list[int]], samples: list[list[Samp
     if conversational and tokenizer.response_template is not None:
         from trl.chat_template_utils import parse_response
 
-        return [[parse_response(tokenizer, i, prefix=prefix)] for i, prefix in zip(ids, prefixes)], ids
+        # No ids at all (a sample cut at 0 tokens): transformers reads an empty list as an empty batch and TRL's
+        # parse_response then fails on the [] it returns; TRL itself always passes at least the EOS.
+        return [[parse_response(tokenizer, i, prefix=prefix) if i else {"role": "assistant", "content": ""}]
+                for i, prefix in zip(ids, prefixes)], ids
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     return ([[{"role": "assistant", "content": t}] for t in texts] if conversational else texts), ids
 

@@ -201,7 +201,9 @@ def format_table(results: dict[str, dict], num_samples: int) -> str:
         metrics.append((f"{reward} (mean)", lambda s, r=reward: _number(s["rewards"][r]["mean"])))
         metrics.append((f"{reward} unscored", lambda s, r=reward: str(s["rewards"][r]["unscored"])))
     for k in sorted({1, num_samples}):
-        metrics.append((f"pass@{k} ± SE", lambda s, k=k: _with_error(s[f"pass@{k}"], s[f"pass@{k}_se"])))
+        # The standard error on a row of its own: the table stays one number per cell, as scripts read it.
+        metrics.append((f"pass@{k}", lambda s, k=k: _number(s[f"pass@{k}"])))
+        metrics.append((f"pass@{k} SE", lambda s, k=k: _number(s[f"pass@{k}_se"])))
     metrics.append(("mean completion tokens", lambda s: f"{s['mean_completion_tokens']:.1f}"))
     metrics.append(("truncation rate", lambda s: _number(s["truncation_rate"])))
     headers = ["metric", *names]
@@ -215,10 +217,6 @@ def format_table(results: dict[str, dict], num_samples: int) -> str:
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _with_error(value: float | None, error: float | None) -> str:
-    return _number(value) if value is None or error is None else f"{value:.4f} ± {error:.4f}"
 
 
 def plot_results(results: dict[str, dict], num_samples: int, path: Path) -> None:

@@ -104,7 +104,9 @@ class GRPOTrainer(FaultInjectionMixin, SmolForgeVLLMMixin, trl.GRPOTrainer):
 
     # --- rollout logging ------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        training = self.model.training
+        # A training step's log: not the end-of-training summary (train_runtime, ...), which Trainer logs at the
+        # last step again; recording it too wrote the last step's rollouts twice (found by the resume test).
+        training = self.model.training and "loss" in logs
         rollouts = self._rollout_rows() if self.monitor is not None and training else []
         super().log(logs, start_time)  # TRL averages its metrics into `logs`, then the callbacks write them
         if self.monitor is not None and training:

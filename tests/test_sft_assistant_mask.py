@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 import chat_templates
 from core import SmolForgeConfig, SmolForgeForCausalLM
 from sft.config import SFTConfig
-from sft.train import SFTTrainer
+from sft.train import BASE_TEMPLATE, SFTTrainer
 
 CONVERSATIONS = [
     # /think: the whole think block and the answer are the assistant's (the template's generation span).
@@ -27,7 +27,9 @@ CONVERSATIONS = [
 def test_default_config_trains_only_inside_generation_spans(tmp_path, tokenizer_dir):
     cfg = SFTConfig(output_dir=str(tmp_path / "run"))  # every other field at its default
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    assert chat_templates.install(tokenizer, cfg.chat_template) == []  # the training variant, with its spans
+    # chat_template null: what SFT installs on a base checkpoint without one (sft/train.py BASE_TEMPLATE)
+    assert cfg.chat_template is None
+    assert chat_templates.install(tokenizer, BASE_TEMPLATE) == []  # the training variant, with its spans
     torch.manual_seed(0)
     model = SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer)))
     trainer = SFTTrainer(model=model, args=cfg, processing_class=tokenizer,

@@ -143,6 +143,26 @@ def tiny_model(seed: int = 0, **overrides) -> SmolForgeForCausalLM:
     return perturb_(SmolForgeForCausalLM(tiny_config(**overrides)), seed=seed).eval()
 
 
+def save_chat_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
+    """A random tiny core model with the SmolLM3 chat template, a <|pad|> token, stopping on <|im_end|>: what an
+    SFT output looks like, for the mechanics. Perturbed weights, so two seeds disagree clearly."""
+    from transformers import AutoTokenizer
+
+    import chat_templates
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    torch.manual_seed(seed)
+    model = perturb_(SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))),
+                     std=0.05, seed=seed)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 PRETRAIN_SOURCES = [{"name": "arithmetic", "path": "builtin:arithmetic", "max_rows": 3000},
                     {"name": "prose", "path": "builtin:prose"}]
 

@@ -14,30 +14,15 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import chat_templates
-from core import SmolForgeConfig, SmolForgeForCausalLM
+from core import SmolForgeForCausalLM
 from core.metrics import read_metrics
 from core.recipe import parse_recipe
 from distill.config import DistillConfig
 from distill.data import PromptDataError
 from distill.train import VocabularyMismatchError, main as distill_main
 
-from conftest import PRETRAIN_SOURCES, REPO, launch_stage, logged_losses, ok, perturb_, vllm_server, write_recipe
-
-
-def save_chat_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
-    """A random tiny core model with the SmolLM3 chat template, stopping on <|im_end|>: what an SFT
-    output looks like, for the mechanics. Perturbed weights, so two seeds disagree clearly."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    torch.manual_seed(seed)
-    model = perturb_(SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))),
-                     std=0.05, seed=seed)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from conftest import (PRETRAIN_SOURCES, REPO, launch_stage, logged_losses, ok, save_chat_model, vllm_server,
+                      write_recipe)
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
 
-import chat_templates
-from core import SmolForgeConfig, SmolForgeForCausalLM
-
-from conftest import REPO, ok, perturb_, write_recipe
+from conftest import REPO, ok, save_chat_model, write_recipe
 
 STAGES = {  # name: (module, the stage's recipe for a 2-step run from the chat base)
     "sft": ("sft", {"sources": [{"path": "builtin:arithmetic_chat", "max_rows": 8}], "max_length": 512,
@@ -55,22 +51,6 @@ STAGES = {  # name: (module, the stage's recipe for a 2-step run from the chat b
 # What each stage prints of its in-stage evaluation (the main process, after training).
 EVALUATION_LINE = {"sft": "held-out generations", "grpo": "held-out pass@1", "reward_model": "held-out pairs",
                    "distill": "teacher-sampled completion tokens"}
-
-
-def save_chat_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
-    """A random tiny core model with the SmolLM3 template, a pad token and its end of turn as stop token: an SFT
-    output, for the mechanics."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    chat_templates.install(tokenizer, "smollm3", add_missing_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    torch.manual_seed(seed)
-    model = perturb_(SmolForgeForCausalLM(SmolForgeConfig.from_preset("tiny", vocab_size=len(tokenizer))), std=0.05,
-                     seed=seed)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

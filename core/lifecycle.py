@@ -72,7 +72,7 @@ def preflight(cfg, stage: str) -> str | None:
         raise ValueError(f"{stage}: model_name_or_path is required: the checkpoint to train (an earlier stage's "
                          f"output directory or any Hugging Face checkpoint)")
     mode = distributed_mode(cfg)
-    if getattr(cfg, "use_peft", False) and mode in LORA_REFUSED:
+    if cfg.use_peft and mode in LORA_REFUSED:
         raise ValueError(f"{stage}: use_peft (LoRA) is not supported under {mode}: {LORA_REFUSED[mode]}. Launch "
                          f"with recipes/accelerate_configs/ddp.yaml or zero2.yaml, or set use_peft: false")
     return trainer_resume_point(cfg)
@@ -217,7 +217,7 @@ def final_model(trainer, cfg, reload):
         if not accelerator.is_main_process:
             return None
         model = accelerator.unwrap_model(trainer.model)
-        return model.merge_and_unload() if getattr(cfg, "use_peft", False) else model
+        return model.merge_and_unload() if cfg.use_peft else model
     state_dict = accelerator.get_state_dict(trainer.model_wrapped)  # every process
     if not accelerator.is_main_process:
         return None
